@@ -1,0 +1,232 @@
+"""The ``msae`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from msae.errors import MsaeError
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise MsaeError(f"expected a comma-separated list of integers, got {s!r}") from None
+
+
+def _float_list(s: str) -> list[float]:
+    try:
+        return [float(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise MsaeError(f"expected a comma-separated list of numbers, got {s!r}") from None
+
+
+def _check_out_free(path: Path, what: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise MsaeError(f"{what} {path}: exists and is not a directory")
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    import torch
+    from msae import checkpoint
+    from msae.config import DEFAULT_K, DEFAULT_LR, SAEConfig, TrainConfig, doubling_levels
+    from msae.data import fingerprint, load_array
+    from msae.evaluate import evaluate
+    from msae.sae import create_sae
+    from msae.train import DivergedError, fit
+
+    out = Path(a.out)
+    _check_out_free(out, "--out")
+    train = load_array(a.data)
+    d = train.shape[1]
+    evals = {Path(p).stem: load_array(p, expect_dim=d) for p in (a.eval or [])}
+    n = int(round(a.expansion * d))
+    if n < 1:
+        raise MsaeError(f"--expansion: expected a positive factor, got {a.expansion}")
+    levels = None
+    if a.method == "msae":
+        if a.levels and a.levels_from:
+            raise MsaeError("--levels and --levels-from: give one of them")
+        levels = tuple(_int_list(a.levels)) if a.levels else doubling_levels(a.levels_from or 64, n) \
+            if (a.levels_from or 64) <= n else doubling_levels(1, n)
+    alphas = tuple(_float_list(a.alphas)) if a.alphas else None
+    cfg = SAEConfig(method=a.method, d=d, n=n, k=a.k if a.k is not None else DEFAULT_K.get(a.method),
+                    levels=levels, alphas=alphas, weighting=a.weighting if alphas is None else None,
+                    l1=a.l1, auxk=a.auxk)
+    tcfg = TrainConfig(lr=a.lr if a.lr is not None else DEFAULT_LR[a.method], epochs=a.epochs,
+                       batch_size=a.batch_size, seed=a.seed, loss=a.loss, scaling=a.scaling,
+                       mean_center=not a.no_mean_center, device=a.device)
+    sae = create_sae(cfg, tcfg.seed)
+    log: list[dict] = []
+
+    def on_epoch(rec, trainer):
+        log.append(rec.flat())
+        if evals and not a.quiet:
+            summary = ", ".join(f"{name}: fvu={r['fvu']:.4f} cos={r['cosine']:.4f} l0={r['l0']:.1f}"
+                                for name, r in rec.eval.items())
+            print(f"epoch {rec.epoch}: loss={rec.loss:.4f} {summary}", file=sys.stderr)
+
+    try:
+        fit(sae, train, tcfg, evals, on_epoch=on_epoch, progress=not a.quiet)
+    except DivergedError as e:
+        raise MsaeError(f"training diverged: {e}") from None
+    final = {name: evaluate(sae, arr, batch_size=tcfg.batch_size)["own"] for name, arr in evals.items()}
+    pp = {"scaling": tcfg.scaling, "mean_center": tcfg.mean_center, "scale": float(sae.scale)}
+    data_info = {"train": str(a.data), "rows": int(train.shape[0]), "fingerprint": fingerprint(train)}
+    checkpoint.save(sae, out, train=tcfg.to_dict(), preprocessing=pp, data=data_info)
+    checkpoint.write_json(out / "metrics.json", {"history": log, "final": final})
+    torch.set_printoptions()
+    print(f"saved {cfg.method} SAE ({d} -> {n}) to {out}", file=sys.stderr)
+    for name, r in final.items():
+        print(f"{name}: fvu={r['fvu']:.4f} fvu_dataset={r['fvu_dataset']:.4f} cosine={r['cosine']:.4f} "
+              f"l0={r['l0']:.1f} dead={r['dead_fraction']:.3f}")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from msae import checkpoint
+    from msae.data import load_array, pick_device
+    from msae.evaluate import evaluate, progressive_ks
+
+    out = Path(a.out)
+    if out.is_dir():
+        raise MsaeError(f"--out {out}: is a directory; expected a JSON file path")
+    sae = checkpoint.load(a.checkpoint, device=pick_device(a.device))
+    data = load_array(a.data, expect_dim=sae.d)
+    if a.k is None:
+        ks = [None]
+    elif a.k == "progressive":
+        ks = [None] + progressive_ks(sae.n)
+    else:
+        ks = _int_list(a.k)
+        for k in ks:
+            if k < 1 or k > sae.n:
+                raise MsaeError(f"--k: {k} is out of range; expected 1..{sae.n} (the number of latents)")
+    res = evaluate(sae, data, ks, batch_size=a.batch_size, cknna_rows=a.cknna_rows)
+    checkpoint.write_json(out, res)
+    for key, r in res.items():
+        print(f"k={key}: fvu={r['fvu']:.4f} fvu_dataset={r['fvu_dataset']:.4f} cosine={r['cosine']:.4f} "
+              f"l0={r['l0']:.1f} zero_fraction={r['zero_fraction']:.4f} dead={r['dead_fraction']:.3f}")
+    return 0
+
+
+def cmd_import_reference(a: argparse.Namespace) -> int:
+    from msae import checkpoint
+    from msae.reference import import_reference
+
+    out = Path(a.out_dir)
+    _check_out_free(out, "OUT_DIR")
+    sae, info = import_reference(a.file)
+    pp = {"scaling": "reference-import", "mean_center": bool(sae.mean.abs().sum() > 0), "scale": float(sae.scale)}
+    checkpoint.save(sae, out, preprocessing=pp, extra={"imported_from": info})
+    print(f"imported {sae.cfg.method} SAE ({sae.d} -> {sae.n}) to {out}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    import numpy as np
+    from msae import checkpoint
+    from msae.config import SAEConfig, TrainConfig, doubling_levels
+    from msae.evaluate import evaluate, progressive_ks
+    from msae.sae import create_sae
+    from msae.synthetic import make_synthetic
+    from msae.train import fit
+
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    syn = make_synthetic(n_samples=24000, d=64, n_features=256, seed=0)
+    train, held = syn.x[:20000], syn.x[20000:]
+    np.save(work / "train.npy", train)
+    np.save(work / "eval.npy", held)
+    n = 512
+    runs = {"topk-k16": SAEConfig("topk", 64, n, k=16),
+            "msae-rw": SAEConfig("msae", 64, n, levels=doubling_levels(8, n), weighting="rw"),
+            "relu-l1": SAEConfig("relu", 64, n, l1=0.003)}
+    lrs = {"topk": 5e-4, "msae": 5e-4, "relu": 5e-4}
+    rows = []
+    for name, cfg in runs.items():
+        tcfg = TrainConfig(lr=lrs[cfg.method], epochs=a.epochs, batch_size=1024, seed=0)
+        sae = create_sae(cfg, 0)
+        print(f"training {name} ({cfg.method}, 64 -> {n}) on synthetic CLIP-like data", file=sys.stderr)
+        fit(sae, train, tcfg, progress=not a.quiet)
+        checkpoint.save(sae, work / name, train=tcfg.to_dict(),
+                        preprocessing={"scaling": tcfg.scaling, "mean_center": True, "scale": float(sae.scale)})
+        res = evaluate(sae, held, [None] + [k for k in progressive_ks(n) if k <= 64])
+        checkpoint.write_json(work / name / "eval.json", res)
+        for key, r in res.items():
+            rows.append((name, key, r["l0"], r["fvu"], r["cosine"], r["dead_fraction"]))
+    print(f"{'model':<10} {'k':>5} {'L0':>7} {'FVU':>8} {'cosine':>7} {'dead':>6}")
+    for name, key, l0, fvu, cos, dead in rows:
+        print(f"{name:<10} {key:>5} {l0:7.1f} {fvu:8.4f} {cos:7.4f} {dead:6.3f}")
+    print(f"checkpoints and eval.json files in {work}/")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="msae", description="Sparse autoencoders (ReLU, TopK, BatchTopK, "
+                                "Matryoshka) on CLIP embeddings.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one SAE on an embedding file")
+    t.add_argument("--data", required=True, help="train embeddings (.npy or reference _N_D.npy)")
+    t.add_argument("--eval", action="append", help="evaluation embeddings (repeatable)")
+    t.add_argument("--method", required=True, choices=["relu", "topk", "batchtopk", "msae"])
+    t.add_argument("--expansion", type=float, default=8.0, help="n = expansion * d (default 8)")
+    t.add_argument("--k", type=int, help="TopK/BatchTopK k (defaults 64 / 32)")
+    t.add_argument("--levels", help="MSAE levels, comma-separated, ascending")
+    t.add_argument("--levels-from", type=int, help="MSAE levels doubling from this value up to n, then n (default 64)")
+    t.add_argument("--weighting", choices=["uw", "rw"], default="rw", help="MSAE level weighting (default rw)")
+    t.add_argument("--alphas", help="explicit MSAE level weights, comma-separated")
+    t.add_argument("--l1", type=float, help="ReLU L1 coefficient (default 0.003)")
+    t.add_argument("--auxk", type=int, help="enable the AuxK dead-latent loss with this k_aux")
+    t.add_argument("--lr", type=float, help="learning rate (per-method reference defaults)")
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--batch-size", type=int, default=4096)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--loss", choices=["nmse", "mse"], default="nmse")
+    t.add_argument("--scaling", choices=["conventional", "reference", "none"], default="conventional")
+    t.add_argument("--no-mean-center", action="store_true")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--out", required=True, help="checkpoint directory")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint; JSON keyed by k")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", required=True)
+    e.add_argument("--k", help="comma-separated k values, or 'progressive' (16, 32, ... n); default: own code")
+    e.add_argument("--batch-size", type=int, default=4096)
+    e.add_argument("--cknna-rows", type=int, default=1024)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--out", required=True, help="output JSON file")
+    e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("import-reference", help="import a reference-code .pth checkpoint")
+    r.add_argument("file")
+    r.add_argument("out_dir")
+    r.set_defaults(func=cmd_import_reference)
+
+    dm = sub.add_parser("demo", help="train three small SAEs on synthetic data and compare them")
+    dm.add_argument("--workdir", default="msae-demo")
+    dm.add_argument("--epochs", type=int, default=5)
+    dm.add_argument("--quiet", action="store_true")
+    dm.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MsaeError as e:
+        print(f"msae: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("msae: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

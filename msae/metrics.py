@@ -1,0 +1,132 @@
+"""Metrics with the paper's definitions and the conventional ones, named plainly.
+
+Pure functions work on one batch; :class:`ReconStats` accumulates over a data set in float64.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def fvu_per_sample(x: torch.Tensor, xh: torch.Tensor) -> torch.Tensor:
+    """The paper's FVU per sample: Var_d(x - x^) / Var_d(x)  -> [B]."""
+    return (x - xh).var(dim=1, unbiased=False) / x.var(dim=1, unbiased=False).clamp_min(1e-30)
+
+
+def fvu_dataset(x: torch.Tensor, xh: torch.Tensor) -> float:
+    """Conventional data-set FVU: sum ||x - x^||^2 / sum ||x - mean(x)||^2."""
+    return float((x - xh).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-30))
+
+
+def nmse_per_sample(x: torch.Tensor, xh: torch.Tensor) -> torch.Tensor:
+    return (xh - x).pow(2).mean(1) / x.pow(2).mean(1).clamp_min(1e-30)
+
+
+def cosine_per_sample(x: torch.Tensor, xh: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(x, xh, dim=1, eps=1e-12)
+
+
+def l0_per_sample(z: torch.Tensor) -> torch.Tensor:
+    """Count of non-zero latents per sample (the conventional L0)."""
+    return (z != 0).sum(1).to(torch.float64)
+
+
+def zero_fraction(z: torch.Tensor) -> float:
+    """Fraction of zero entries: what the reference code calls 'L0' (the paper's '~80% sparsity')."""
+    return float((z == 0).to(torch.float64).mean())
+
+
+def dead_fraction(z: torch.Tensor) -> float:
+    """Fraction of latents that never fire on these samples."""
+    return float((~(z != 0).any(0)).to(torch.float64).mean())
+
+
+@torch.no_grad()
+def decoder_orthogonality(W_dec: torch.Tensor, block: int = 2048) -> float:
+    """Mean over all n^2 entries of the squared off-diagonal of W_dec W_dec^T (block-wise)."""
+    n = W_dec.shape[0]
+    W = W_dec.to(torch.float64)
+    total = 0.0
+    for s in range(0, n, block):
+        total += float((W[s:s + block] @ W.t()).pow(2).sum())
+    total -= float(W.pow(2).sum(1).pow(2).sum())
+    return total / (n * n)
+
+
+def _hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    m = K.shape[0]
+    Kt = K.clone().fill_diagonal_(0)
+    Lt = L.clone().fill_diagonal_(0)
+    return ((Kt * Lt.t()).sum() + Kt.sum() * Lt.sum() / ((m - 1) * (m - 2))
+            - 2 * (Kt @ Lt).sum() / (m - 2)) / (m * (m - 3))
+
+
+@torch.no_grad()
+def cknna(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
+    """Mutual k-NN kernel alignment (Huh et al. 2024, 'Platonic Representation'), unbiased HSIC,
+    on L2-normalised rows with linear kernels. Depends on the number of rows: fix and record it."""
+    if a.shape[0] != b.shape[0] or a.shape[0] < max(4, k + 1):
+        raise ValueError("cknna: need the same number of rows, at least max(4, k + 1)")
+    a = F.normalize(a.to(torch.float64), dim=1)
+    b = F.normalize(b.to(torch.float64), dim=1)
+    K, L = a @ a.t(), b @ b.t()
+    n = K.shape[0]
+
+    def sim(P, Q):
+        mask_p = torch.zeros(n, n, dtype=P.dtype).scatter_(1, P.clone().fill_diagonal_(float("-inf")).topk(k, 1).indices, 1)
+        mask_q = torch.zeros(n, n, dtype=P.dtype).scatter_(1, Q.clone().fill_diagonal_(float("-inf")).topk(k, 1).indices, 1)
+        mask = mask_p * mask_q
+        return _hsic_unbiased(mask * P, mask * Q)
+
+    return float(sim(K, L) / (torch.sqrt(sim(K, K) * sim(L, L)) + 1e-6))
+
+
+class ReconStats:
+    """Streams reconstruction metrics over batches, in original and processed space."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.rows = 0
+        self.sums: dict[str, float] = {}
+        self.sse = 0.0
+        self.sum_sq = 0.0
+        self.sum_x: torch.Tensor | None = None
+        self.fired = torch.zeros(n, dtype=torch.bool)
+        self.act = [0.0, 0.0, 0.0]  # count, sum, sum of squares of non-zero code values
+
+    def _add(self, name: str, per_sample: torch.Tensor) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + float(per_sample.to(torch.float64).sum())
+
+    @torch.no_grad()
+    def update(self, x, xh, xp, xph, z) -> None:
+        x64, xh64 = x.to(torch.float64), xh.to(torch.float64)
+        self.rows += x.shape[0]
+        self._add("fvu", fvu_per_sample(x64, xh64))
+        self._add("cosine", cosine_per_sample(x64, xh64))
+        self._add("fvu_processed", fvu_per_sample(xp.to(torch.float64), xph.to(torch.float64)))
+        self._add("cosine_processed", cosine_per_sample(xp, xph))
+        self._add("nmse", nmse_per_sample(xp.to(torch.float64), xph.to(torch.float64)))
+        self._add("l0", l0_per_sample(z))
+        self.sse += float((x64 - xh64).pow(2).sum())
+        self.sum_sq += float(x64.pow(2).sum())
+        sx = x64.sum(0).cpu()
+        self.sum_x = sx if self.sum_x is None else self.sum_x + sx
+        nz = z != 0
+        self.fired |= nz.any(0).cpu()
+        v = z[nz].to(torch.float64)
+        self.act[0] += v.numel()
+        self.act[1] += float(v.sum())
+        self.act[2] += float(v.pow(2).sum())
+
+    def result(self) -> dict[str, float]:
+        N = max(self.rows, 1)
+        out = {k: v / N for k, v in self.sums.items()}
+        centred = self.sum_sq - float(self.sum_x.pow(2).sum()) / N
+        out["fvu_dataset"] = self.sse / max(centred, 1e-30)
+        out["zero_fraction"] = 1.0 - out["l0"] / self.n
+        out["dead_fraction"] = float((~self.fired).to(torch.float64).mean())
+        c, s, s2 = self.act
+        out["act_mean"] = s / c if c else 0.0
+        out["act_std"] = (max(s2 / c - (s / c) ** 2, 0.0)) ** 0.5 if c else 0.0
+        out["rows"] = self.rows
+        return out

@@ -1,0 +1,40 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from msae.config import SAEConfig, doubling_levels
+from msae.synthetic import make_synthetic
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+D, N = 32, 128
+
+# One entry per SAE class (and the MSAE variants that matter); every parametrized test runs on all.
+METHOD_CONFIGS = {
+    "relu": SAEConfig("relu", D, N, l1=0.003),
+    "topk": SAEConfig("topk", D, N, k=8),
+    "batchtopk": SAEConfig("batchtopk", D, N, k=8),
+    "msae-rw": SAEConfig("msae", D, N, levels=doubling_levels(4, N), weighting="rw"),
+    "msae-uw-partial": SAEConfig("msae", D, N, levels=(4, 8, 16), weighting="uw"),
+}
+
+
+@pytest.fixture(params=list(METHOD_CONFIGS), ids=list(METHOD_CONFIGS))
+def cfg(request) -> SAEConfig:
+    return METHOD_CONFIGS[request.param]
+
+
+@pytest.fixture(scope="session")
+def synth():
+    return make_synthetic(n_samples=6000, d=D, n_features=96, active=4.0, seed=0)
+
+
+@pytest.fixture(scope="session")
+def synth_files(tmp_path_factory, synth):
+    root = tmp_path_factory.mktemp("data")
+    np.save(root / "train.npy", synth.x[:5000])
+    np.save(root / "eval.npy", synth.x[5000:])
+    return root / "train.npy", root / "eval.npy"
