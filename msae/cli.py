@@ -23,13 +23,22 @@ def _float_list(s: str) -> list[float]:
         raise MsaeError(f"expected a comma-separated list of numbers, got {s!r}") from None
 
 
+def _summary(r: dict) -> str:
+    """One line of the headline metrics of an evaluation entry."""
+    return (f"fvu={r['fvu']:.4f} fvu_dataset={r['fvu_dataset']:.4f} cosine={r['cosine']:.4f} "
+            f"l0={r['l0']:.1f} zero_fraction={r['zero_fraction']:.4f} dead={r['dead_fraction']:.3f}")
+
+
+def _preprocessing_record(sae, tcfg) -> dict:
+    return {"scaling": tcfg.scaling, "mean_center": tcfg.mean_center, "scale": float(sae.scale)}
+
+
 def _check_out_free(path: Path, what: str) -> None:
     if path.exists() and not path.is_dir():
         raise MsaeError(f"{what} {path}: exists and is not a directory")
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    import torch
     from msae import checkpoint
     from msae.config import DEFAULT_K, DEFAULT_LR, SAEConfig, TrainConfig, doubling_levels
     from msae.data import fingerprint, load_array
@@ -49,8 +58,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.method == "msae":
         if a.levels and a.levels_from:
             raise MsaeError("--levels and --levels-from: give one of them")
-        levels = tuple(_int_list(a.levels)) if a.levels else doubling_levels(a.levels_from or 64, n) \
-            if (a.levels_from or 64) <= n else doubling_levels(1, n)
+        levels = tuple(_int_list(a.levels)) if a.levels else doubling_levels(a.levels_from or min(64, n), n)
     alphas = tuple(_float_list(a.alphas)) if a.alphas else None
     cfg = SAEConfig(method=a.method, d=d, n=n, k=a.k if a.k is not None else DEFAULT_K.get(a.method),
                     levels=levels, alphas=alphas, weighting=a.weighting if alphas is None else None,
@@ -64,8 +72,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     def on_epoch(rec, trainer):
         log.append(rec.flat())
         if evals and not a.quiet:
-            summary = ", ".join(f"{name}: fvu={r['fvu']:.4f} cos={r['cosine']:.4f} l0={r['l0']:.1f}"
-                                for name, r in rec.eval.items())
+            summary = "; ".join(f"{name}: {_summary(r)}" for name, r in rec.eval.items())
             print(f"epoch {rec.epoch}: loss={rec.loss:.4f} {summary}", file=sys.stderr)
 
     try:
@@ -73,15 +80,12 @@ def cmd_train(a: argparse.Namespace) -> int:
     except DivergedError as e:
         raise MsaeError(f"training diverged: {e}") from None
     final = {name: evaluate(sae, arr, batch_size=tcfg.batch_size)["own"] for name, arr in evals.items()}
-    pp = {"scaling": tcfg.scaling, "mean_center": tcfg.mean_center, "scale": float(sae.scale)}
     data_info = {"train": str(a.data), "rows": int(train.shape[0]), "fingerprint": fingerprint(train)}
-    checkpoint.save(sae, out, train=tcfg.to_dict(), preprocessing=pp, data=data_info)
+    checkpoint.save(sae, out, train=tcfg.to_dict(), preprocessing=_preprocessing_record(sae, tcfg), data=data_info)
     checkpoint.write_json(out / "metrics.json", {"history": log, "final": final})
-    torch.set_printoptions()
     print(f"saved {cfg.method} SAE ({d} -> {n}) to {out}", file=sys.stderr)
     for name, r in final.items():
-        print(f"{name}: fvu={r['fvu']:.4f} fvu_dataset={r['fvu_dataset']:.4f} cosine={r['cosine']:.4f} "
-              f"l0={r['l0']:.1f} dead={r['dead_fraction']:.3f}")
+        print(f"{name}: {_summary(r)}")
     return 0
 
 
@@ -107,8 +111,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     res = evaluate(sae, data, ks, batch_size=a.batch_size, cknna_rows=a.cknna_rows)
     checkpoint.write_json(out, res)
     for key, r in res.items():
-        print(f"k={key}: fvu={r['fvu']:.4f} fvu_dataset={r['fvu_dataset']:.4f} cosine={r['cosine']:.4f} "
-              f"l0={r['l0']:.1f} zero_fraction={r['zero_fraction']:.4f} dead={r['dead_fraction']:.3f}")
+        print(f"k={key}: {_summary(r)}")
     return 0
 
 
@@ -151,8 +154,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
         sae = create_sae(cfg, 0)
         print(f"training {name} ({cfg.method}, 64 -> {n}) on synthetic CLIP-like data", file=sys.stderr)
         fit(sae, train, tcfg, progress=not a.quiet)
-        checkpoint.save(sae, work / name, train=tcfg.to_dict(),
-                        preprocessing={"scaling": tcfg.scaling, "mean_center": True, "scale": float(sae.scale)})
+        checkpoint.save(sae, work / name, train=tcfg.to_dict(), preprocessing=_preprocessing_record(sae, tcfg))
         res = evaluate(sae, held, [None] + [k for k in progressive_ks(n) if k <= 64])
         checkpoint.write_json(work / name / "eval.json", res)
         for key, r in res.items():

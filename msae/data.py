@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -87,7 +88,6 @@ def pick_device(name: str = "auto") -> torch.device:
 def as_tensor(arr: np.ndarray, device: torch.device) -> torch.Tensor:
     """The whole array as a tensor: zero-copy on CPU, one transfer on a GPU when it fits."""
     if device.type == "cpu":
-        import warnings
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only memmap: we never write to it
             return torch.from_numpy(np.asarray(arr))

@@ -9,6 +9,7 @@ import torch
 from msae.data import as_tensor, batches
 from msae.metrics import ReconStats, cknna, decoder_orthogonality
 from msae.sae import SAE
+from msae.sae.base import topk_relu_dense
 
 
 def progressive_ks(n: int, start: int = 16) -> list[int]:
@@ -40,7 +41,7 @@ def evaluate(sae: SAE, data: np.ndarray | torch.Tensor, ks: Sequence[int | None]
         xp = sae.preprocess(x)
         pre = sae.pre_activation(xp)
         for k in ks:
-            z = sae.activate(pre) if k is None else _topk(pre, k)
+            z = sae.activate(pre) if k is None else topk_relu_dense(pre, k)
             xph = sae.decode_processed(z)
             xh = sae.postprocess(xph)
             key = key_of(k)
@@ -59,7 +60,3 @@ def evaluate(sae: SAE, data: np.ndarray | torch.Tensor, ks: Sequence[int | None]
         out[key] = res
     return out
 
-
-def _topk(pre: torch.Tensor, k: int) -> torch.Tensor:
-    from msae.sae.base import topk_relu_dense
-    return topk_relu_dense(pre, min(k, pre.shape[1]))

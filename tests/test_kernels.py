@@ -7,8 +7,13 @@ from msae.sae.kernels import SparseRows, gather_selected, rect_to_rows, sparse_d
 from msae.sae.matryoshka import nested_chunk_ids
 
 
+@pytest.mark.parametrize("gather_path", [False, True], ids=["csr-kernels", "gather-path"])
 @pytest.mark.parametrize("k", [3, 40], ids=["sparse-branch", "dense-branch"])
-def test_gather_selected_and_decode_match_dense(k):
+def test_gather_selected_and_decode_match_dense(k, gather_path, monkeypatch):
+    """Both kernel families (CSR on CPU; chunked gathers, used on CUDA) against dense autograd."""
+    if gather_path:
+        monkeypatch.setattr(kernels, "use_gather_path", lambda t: True)
+        monkeypatch.setattr(kernels, "GATHER_CHUNK", 5)  # several chunks even on tiny inputs
     torch.manual_seed(0)
     B, d, n = 12, 7, 48
     x = torch.randn(B, d)
@@ -20,7 +25,7 @@ def test_gather_selected_and_decode_match_dense(k):
     with torch.no_grad():
         pre = torch.addmm(b_enc, x - b_dec, W_enc)
     vals, idx = pre.topk(k, dim=1, sorted=False)
-    crow, col, _ = rect_to_rows(vals, idx)
+    crow, col = rect_to_rows(vals, idx)
     assert (k * B > kernels.DENSE_BACKWARD_DENSITY * B * n) == (k == 40)
     val = gather_selected(x, b_dec, W_enc, b_enc, pre, crow, col)
     out = sparse_decode(SparseRows(crow, col, val, n), W_dec)

@@ -126,7 +126,7 @@ class SAE(nn.Module):
     def sparse_topk_code(self, xp: torch.Tensor, pre: torch.Tensor, k: int) -> SparseRows:
         """Differentiable CSR code of ReLU(top-k(pre)), positives only."""
         vals, idx = pre.topk(k, dim=1, sorted=False)
-        crow, col, _ = rect_to_rows(vals, idx)
+        crow, col = rect_to_rows(vals, idx)
         val = gather_selected(xp, self.b_dec, self.W_enc, self.b_enc, pre, crow, col)
         return SparseRows(crow, col, val, self.n)
 

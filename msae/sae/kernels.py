@@ -40,13 +40,9 @@ class SparseRows:
     def batch(self) -> int:
         return self.crow.numel() - 1
 
-    def row_index(self) -> torch.Tensor:
-        counts = self.crow[1:] - self.crow[:-1]
-        return torch.repeat_interleave(torch.arange(self.batch, device=self.col.device), counts)
-
     def to_dense(self) -> torch.Tensor:
         out = torch.zeros(self.batch, self.n, dtype=self.val.dtype, device=self.val.device)
-        out[self.row_index(), self.col] = self.val
+        out[_rows_of(self.crow), self.col] = self.val
         return out
 
 
@@ -54,15 +50,44 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, shape: tuple[
     return torch.sparse_csr_tensor(crow, col, val, shape, check_invariants=False)
 
 
+# Rows of nnz x d scratch per chunk on the gather path (bounds its memory to about 256 MB fp32).
+GATHER_CHUNK = 1 << 16
+
+
+def use_gather_path(t: torch.Tensor) -> bool:
+    """CUDA uses plain gathers and index_add (chunked); CPU uses CSR kernels. Tests force the
+    gather path on CPU through this function to check its arithmetic."""
+    return t.is_cuda
+
+
+def _rows_of(crow: torch.Tensor) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow[1:] - crow[:-1])
+
+
 def _csr_t_matmul(crow, col, val, shape, dense: torch.Tensor) -> torch.Tensor:
     """(S^T @ dense) for S = CSR(crow, col, val) of ``shape`` [B, n]; returns [n, dense.shape[1]]."""
+    out = torch.zeros(shape[1], dense.shape[1], dtype=dense.dtype, device=dense.device)
     if val.numel() == 0:
-        return torch.zeros(shape[1], dense.shape[1], dtype=dense.dtype, device=dense.device)
-    if dense.is_cuda:
-        rows = torch.repeat_interleave(torch.arange(shape[0], device=col.device), crow[1:] - crow[:-1])
-        out = torch.zeros(shape[1], dense.shape[1], dtype=dense.dtype, device=dense.device)
-        return out.index_add_(0, col, val[:, None] * dense[rows])
+        return out
+    if use_gather_path(dense):
+        rows = _rows_of(crow)
+        for s in range(0, col.numel(), GATHER_CHUNK):
+            sl = slice(s, s + GATHER_CHUNK)
+            out.index_add_(0, col[sl], val[sl, None] * dense[rows[sl]])
+        return out
     return _csr(crow, col, val, shape).t().to_sparse_csr() @ dense
+
+
+def _sampled_dot(crow, col, G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """For every CSR entry (b, j): G[b] . W[j]  (the value gradient of a sparse decode)."""
+    if col.numel() == 0:
+        return torch.zeros(0, dtype=G.dtype, device=G.device)
+    if use_gather_path(G):
+        rows = _rows_of(crow)
+        return torch.cat([(G[rows[s:s + GATHER_CHUNK]] * W[col[s:s + GATHER_CHUNK]]).sum(-1)
+                          for s in range(0, col.numel(), GATHER_CHUNK)])
+    S = _csr(crow, col, torch.ones(col.numel(), dtype=G.dtype, device=G.device), (crow.numel() - 1, W.shape[0]))
+    return torch.sparse.sampled_addmm(S, G, W.t(), beta=0.0).values()
 
 
 class _GatherSelected(torch.autograd.Function):
@@ -83,10 +108,9 @@ class _GatherSelected(torch.autograd.Function):
             grad_b_dec = -(W_enc @ col_sum)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[0]:
             xc = x - b_dec
-            if g.numel() > DENSE_BACKWARD_DENSITY * B * n or x.is_cuda:
-                rows = torch.repeat_interleave(torch.arange(B, device=col.device), crow[1:] - crow[:-1])
+            if g.numel() > DENSE_BACKWARD_DENSITY * B * n or use_gather_path(x):
                 dense = torch.zeros(B, n, dtype=g.dtype, device=g.device)
-                dense[rows, col] = g
+                dense[_rows_of(crow), col] = g
                 if ctx.needs_input_grad[2]:
                     grad_W = xc.t() @ dense
                 if ctx.needs_input_grad[0]:
@@ -102,8 +126,7 @@ class _GatherSelected(torch.autograd.Function):
 def gather_selected(x, b_dec, W_enc, b_enc, pre: torch.Tensor, crow, col) -> torch.Tensor:
     """Values of ``pre = (x - b_dec) @ W_enc + b_enc`` at CSR entries, differentiable w.r.t. the
     parameters; ``pre`` is the already computed (detached) pre-activation matrix."""
-    rows = torch.repeat_interleave(torch.arange(pre.shape[0], device=col.device), crow[1:] - crow[:-1])
-    return _GatherSelected.apply(x, b_dec, W_enc, b_enc, crow, col, pre[rows, col])
+    return _GatherSelected.apply(x, b_dec, W_enc, b_enc, crow, col, pre[_rows_of(crow), col])
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -119,14 +142,7 @@ class _SparseDecode(torch.autograd.Function):
         G = G.contiguous()
         grad_val = grad_W = None
         if ctx.needs_input_grad[2]:
-            if val.numel() == 0:
-                grad_val = torch.zeros_like(val)
-            elif G.is_cuda:
-                rows = torch.repeat_interleave(torch.arange(shape[0], device=col.device), crow[1:] - crow[:-1])
-                grad_val = (G[rows] * W_dec[col]).sum(-1)
-            else:
-                S = _csr(crow, col, torch.ones_like(val), shape)
-                grad_val = torch.sparse.sampled_addmm(S, G, W_dec.t(), beta=0.0).values()
+            grad_val = _sampled_dot(crow, col, G, W_dec)
         if ctx.needs_input_grad[3]:
             grad_W = _csr_t_matmul(crow, col, val.detach(), shape, G)
         return None, None, grad_val, grad_W
@@ -137,14 +153,9 @@ def sparse_decode(code: SparseRows, W_dec: torch.Tensor) -> torch.Tensor:
     return _SparseDecode.apply(code.crow, code.col, code.val, W_dec)
 
 
-def rect_to_rows(vals: torch.Tensor, idx: torch.Tensor, keep_positive: bool = True):
-    """Rectangular per-row selections [B, w] -> CSR (crow, col, mask); drops non-positive values."""
-    B, w = idx.shape
-    if keep_positive:
-        mask = vals > 0
-        counts = mask.sum(1)
-        crow = torch.zeros(B + 1, dtype=torch.long, device=idx.device)
-        torch.cumsum(counts, 0, out=crow[1:])
-        return crow, idx[mask], mask
-    crow = torch.arange(0, B * w + 1, w, dtype=torch.long, device=idx.device)
-    return crow, idx.reshape(-1), None
+def rect_to_rows(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rectangular per-row selections [B, w] -> CSR (crow, col) of the positive values only."""
+    mask = vals > 0
+    crow = torch.zeros(idx.shape[0] + 1, dtype=torch.long, device=idx.device)
+    torch.cumsum(mask.sum(1), 0, out=crow[1:])
+    return crow, idx[mask]
