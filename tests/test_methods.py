@@ -144,6 +144,7 @@ def test_lr_schedule_values():
     assert lr_multiplier(29, 30) == pytest.approx(1 / 6)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 def test_trainer_lr_follows_schedule(cfg):
     sae = create_sae(cfg, 0)
     trainer = Trainer(sae, TrainConfig(lr=1e-3, epochs=5, batch_size=8), torch.device("cpu"))
