@@ -80,9 +80,20 @@ def fingerprint(arr: np.ndarray, rows: int = 1024) -> str:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present, else the CPU; an explicit device must exist here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MsaeError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise MsaeError(f"--device {name}: no such CUDA device here ({count} available); use auto or cpu")
+    elif device.type != "cpu":
+        raise MsaeError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
 
 
 def as_tensor(arr: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -101,6 +101,10 @@ def test_bad_inputs(synth_files, synth, tmp_path, capsys):
     garbage = tmp_path / "garbage.npy"
     garbage.write_bytes(b"\x93NUMPY garbage that is not an array")
     _bad(tmp_path, capsys, ["--data", str(garbage), "--method", "topk"], "garbage.npy")
+    _bad(tmp_path, capsys, ["--data", str(train), "--method", "topk", "--device", "bogus"],
+         "--device: expected auto, cpu, cuda or cuda:N, got 'bogus'")
+    _bad(tmp_path, capsys, ["--data", str(train), "--method", "topk", "--device", "cuda:7"],
+         "--device cuda:7: no such CUDA device here")
     one_d = tmp_path / "flat.npy"
     np.save(one_d, np.zeros(10, dtype=np.float32))
     _bad(tmp_path, capsys, ["--data", str(one_d), "--method", "topk"], "expected a 2-D array")

@@ -233,3 +233,35 @@ def test_auxk_revives_dead_latents(synth):
         plain.b_enc[:8] = 5.0
     plain.training_step(x, nmse).loss.backward()
     assert float(plain.b_enc.grad[8:].abs().sum()) == 0  # without AuxK they get none
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_from_trainer_state_is_bit_exact(cfg, synth):
+    """Stopping after epoch 1 and resuming from the saved model + trainer state ends exactly where
+    an uninterrupted run ends (the basis of trial checkpoints in sweeps)."""
+    train = synth.x[:1500]
+    tcfg = TrainConfig(lr=1e-3, epochs=2, batch_size=300, seed=5)
+    straight = create_sae(cfg, 5)
+    fit(straight, train, tcfg, progress=False)
+
+    first = create_sae(cfg, 5)
+    saved = {}
+
+    def stop_after_first(rec, trainer):
+        saved["model"] = {k: v.clone() for k, v in first.state_dict().items()}
+        saved["trainer"] = trainer.state_dict()
+        raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        fit(first, train, tcfg, on_epoch=stop_after_first, progress=False)
+    resumed = create_sae(cfg, 99)  # different init: everything must come from the saved state
+    resumed.load_state_dict(saved["model"])
+    trainer = Trainer(resumed, tcfg, torch.device("cpu"))
+    trainer.load_state_dict(saved["trainer"])
+    hist = fit(resumed, train, tcfg, trainer=trainer, fit_stats=False, progress=False)
+    assert [r.epoch for r in hist] == [2]
+    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
