@@ -193,16 +193,19 @@ def fit(sae: SAE, train: np.ndarray, cfg: TrainConfig, eval_sets: dict[str, np.n
     bar = _progress(cfg.epochs * len(source), trainer.epoch * len(source), progress)
     while trainer.epoch < cfg.epochs:
         t0 = time.perf_counter()
-        loss_sum, l0_sum, steps = 0.0, 0.0, 0
+        loss_sum, l0_sum, steps = torch.zeros((), device=device), 0.0, 0
         for xb in source.epoch(trainer.epoch):
             xp = sae.preprocess(xb.to(device, non_blocking=True))
             out = trainer.step(xp)
-            loss_sum += float(out.loss.detach())
+            loss_sum += out.loss.detach()
             l0_sum += out.l0
             steps += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(epoch=trainer.epoch + 1, loss=f"{loss_sum / steps:.4f}", l0=f"{l0_sum / steps:.1f}")
+                if steps % 20 == 1:  # a device sync only when the bar shows new numbers
+                    bar.set_postfix(epoch=trainer.epoch + 1, loss=f"{float(loss_sum) / steps:.4f}",
+                                    l0=f"{l0_sum / steps:.1f}")
+        loss_sum = float(loss_sum)
         rec = EpochRecord(trainer.epoch + 1, trainer.lr, loss_sum / max(steps, 1), l0_sum / max(steps, 1),
                           time.perf_counter() - t0, trainer.dead_fraction_train)
         trainer.end_epoch()

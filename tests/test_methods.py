@@ -40,7 +40,7 @@ def test_init_recipe(cfg):
     sae = create_sae(cfg, 3)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((N,), 0.1))
     torch.testing.assert_close(sae.W_enc, sae.W_dec.t())
-    assert float(sae.b_enc.abs().sum()) == 0 and float(sae.b_dec.abs().sum()) == 0
+    assert float(sae.b_enc.detach().abs().sum()) == 0 and float(sae.b_dec.detach().abs().sum()) == 0
     other = create_sae(cfg, 4)
     assert not torch.equal(sae.W_dec, other.W_dec)
     torch.testing.assert_close(create_sae(cfg, 3).W_dec, sae.W_dec, rtol=0, atol=0)

@@ -23,7 +23,7 @@ class StepOutput:
     recon: torch.Tensor  # reconstruction of the model's own (largest) code, processed space
     fire_counts: torch.Tensor  # [n] int64, samples in which each latent fired
     l0: float  # mean non-zeros per sample of the model's own code
-    parts: dict[str, float] = field(default_factory=dict)
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars (no device sync)
 
 
 class SAE(nn.Module):
@@ -149,7 +149,7 @@ class SAE(nn.Module):
         aux = self.auxk_loss(xp, pre, out.recon, dead)
         if aux is not None:
             out.loss = out.loss + aux
-            out.parts["auxk"] = float(aux.detach())
+            out.parts["auxk"] = aux.detach()
         return out
 
 

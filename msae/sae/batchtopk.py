@@ -44,6 +44,6 @@ class BatchTopKSAE(SAE):
         code = SparseRows(crow, col, val, n)
         recon = self.decode_sparse(code)
         rec = recon_loss(recon, xp)
-        out = StepOutput(rec, recon, fire_counts(col, n), col.numel() / B, {"recon": float(rec.detach()),
-                         "threshold": float(self.threshold)})
+        out = StepOutput(rec, recon, fire_counts(col, n), col.numel() / B, {"recon": rec.detach(),
+                         "threshold": self.threshold.clone()})
         return self.with_auxk(out, xp, pre, dead)

@@ -75,8 +75,7 @@ class MatryoshkaSAE(SAE):
         # Levels past the last non-empty chunk reconstruct exactly like it.
         weights = list(alphas[: n_chunks - 1]) + [sum(alphas[n_chunks - 1 :])]
         loss = sum(w * lv for w, lv in zip(weights, level_losses)) / sum(alphas)
-        parts = {"recon": float(level_losses[-1].detach())}
-        parts.update({f"recon_k{k}": float(level_losses[min(i, n_chunks - 1)].detach())
-                      for i, k in enumerate(levels)})
+        parts = {"recon": level_losses[-1].detach()}
+        parts.update({f"recon_k{k}": level_losses[min(i, n_chunks - 1)].detach() for i, k in enumerate(levels)})
         out = StepOutput(loss, recon, fire_counts(col, n), col.numel() / B, parts)
         return self.with_auxk(out, xp, pre, dead)

@@ -21,5 +21,5 @@ class ReLUSAE(SAE):
         loss = rec + self.cfg.l1 * sparsity
         nz = z > 0
         out = StepOutput(loss, recon, nz.sum(0), float(nz.sum(1).float().mean()),
-                         {"recon": float(rec.detach()), "l1": float(sparsity.detach())})
+                         {"recon": rec.detach(), "l1": sparsity.detach()})
         return self.with_auxk(out, xp, pre.detach(), dead)

@@ -19,5 +19,5 @@ class TopKSAE(SAE):
         recon = self.decode_sparse(code)
         rec = recon_loss(recon, xp)
         out = StepOutput(rec, recon, fire_counts(code.col, self.n), code.col.numel() / xp.shape[0],
-                         {"recon": float(rec.detach())})
+                         {"recon": rec.detach()})
         return self.with_auxk(out, xp, pre, dead)
