@@ -57,7 +57,7 @@ class SAEConfig:
         if self.method in ("topk", "batchtopk"):
             if self.k is None:
                 raise MsaeError(f"k: method {self.method} needs k")
-            _check_k("k", self.k, self.n)
+            check_k("k", self.k, self.n)
         if self.method == "relu" and self.l1 is None:
             object.__setattr__(self, "l1", 0.003)
         if self.method == "msae":
@@ -65,7 +65,7 @@ class SAEConfig:
                 raise MsaeError("levels: method msae needs a list of levels")
             levels = tuple(int(k) for k in self.levels)
             for k in levels:
-                _check_k("levels", k, self.n)
+                check_k("levels", k, self.n)
             if any(b <= a for a, b in zip(levels, levels[1:])):
                 raise MsaeError(f"levels: must be strictly ascending, got {list(levels)}")
             object.__setattr__(self, "levels", levels)
@@ -85,7 +85,7 @@ class SAEConfig:
                 if self.weighting is None:
                     object.__setattr__(self, "weighting", "custom")
         if self.auxk is not None:
-            _check_k("auxk", self.auxk, self.n)
+            check_k("auxk", self.auxk, self.n)
 
     @property
     def max_k(self) -> int | None:
@@ -104,7 +104,7 @@ class SAEConfig:
         return cls(**kw)
 
 
-def _check_k(name: str, k: int, n: int) -> None:
+def check_k(name: str, k: int, n: int) -> None:
     if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > n:
         raise MsaeError(f"{name}: expected an integer between 1 and n={n} (the number of latents), got {k!r}")
 

@@ -31,6 +31,9 @@ def evaluate(sae: SAE, data: np.ndarray | torch.Tensor, ks: Sequence[int | None]
     """Metrics keyed by k ('own' for the model's own code), computed in original CLIP space, with
     processed-space variants suffixed ``_processed``. CKNNA uses the first ``cknna_rows`` rows."""
     sae.eval()
+    for k in ks:
+        if k is not None:
+            sae._check_k(k)
     device = sae.W_enc.device
     x_all = data if isinstance(data, torch.Tensor) else as_tensor(data, torch.device("cpu"))
     stats = {key_of(k): ReconStats(sae.n) for k in ks}

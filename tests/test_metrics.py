@@ -121,3 +121,13 @@ def test_preprocessing_modes():
 def test_progressive_ks():
     assert progressive_ks(128) == [16, 32, 64, 128]
     assert progressive_ks(6144)[-3:] == [2048, 4096, 6144]
+
+
+def test_evaluate_rejects_k_beyond_n():
+    from msae.config import SAEConfig
+    from msae.errors import MsaeError
+    from msae.evaluate import evaluate
+    from msae.sae import create_sae
+    sae = create_sae(SAEConfig("topk", 8, 16, k=4))
+    with pytest.raises(MsaeError, match=r"k: expected an integer between 1 and n=16 \(the number of latents\), got 17"):
+        evaluate(sae, np.zeros((5, 8), dtype=np.float32), ks=[None, 17])

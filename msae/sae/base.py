@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from msae.config import SAEConfig
+from msae.config import SAEConfig, check_k
 from msae.errors import MsaeError
 from msae.sae.kernels import SparseRows, gather_selected, rect_to_rows, sparse_decode
 
@@ -109,8 +109,7 @@ class SAE(nn.Module):
         return self.decode(self.encode(x, k))
 
     def _check_k(self, k: int) -> int:
-        if not isinstance(k, int) or k < 1 or k > self.n:
-            raise MsaeError(f"k: expected an integer between 1 and n={self.n}, got {k!r}")
+        check_k("k", k, self.n)
         return k
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
