@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -108,10 +109,66 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         for k in ks:
             if k < 1 or k > sae.n:
                 raise MsaeError(f"--k: {k} is out of range; expected 1..{sae.n} (the number of latents)")
+    truth = _load_truth(a.truth)
     res = evaluate(sae, data, ks, batch_size=a.batch_size, cknna_rows=a.cknna_rows)
+    if truth is not None:
+        res["recovery"] = _recovery(sae, truth)
     checkpoint.write_json(out, res)
     for key, r in res.items():
-        print(f"k={key}: {_summary(r)}")
+        print(f"recovery: {_recovery_line(r)}" if key == "recovery" else f"k={key}: {_summary(r)}")
+    return 0
+
+
+def _load_truth(path: str | None):
+    from msae.synthetic import GroundTruth
+    return None if path is None else GroundTruth.load(path)
+
+
+def _recovery(sae, truth) -> dict:
+    from msae.synthetic import recovery_score
+    return recovery_score(sae.W_dec.detach().cpu().numpy(), truth)
+
+
+def _recovery_line(r: dict) -> str:
+    return " ".join(f"{k}={v:.3f}" for k, v in r.items())
+
+
+def cmd_extract(a: argparse.Namespace) -> int:
+    from msae.extract import extract
+
+    res = extract(a.model, a.pretrained, a.out, images=a.images, texts=a.texts, text_column=a.text_column,
+                  batch_size=a.batch_size, workers=a.workers, device=a.device, dtype=a.dtype, split=a.split,
+                  overwrite=a.overwrite, progress=not a.quiet)
+    print(f"wrote {res['rows']} x {res['d']} {res['modality']} embeddings ({res['model']}, {res['pretrained']}) "
+          f"to {res['out']}; skipped {res['skipped']}")
+    return 0
+
+
+def cmd_import_features(a: argparse.Namespace) -> int:
+    from msae.importers import import_features
+
+    info = import_features(a.file, a.out, column=a.column, model=a.model, pretrained=a.pretrained,
+                           modality=a.modality, split=a.split, dtype=a.dtype, overwrite=a.overwrite)
+    print(f"imported {info.n} x {info.d} embeddings from {a.file} to {a.out}")
+    return 0
+
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    from msae.synthetic import write_synthetic
+
+    files = write_synthetic(a.out, a.n, a.n_val, dtype=a.dtype, overwrite=a.overwrite, d=a.d, roots=a.roots,
+                            branching=tuple(_int_list(a.branching)), active_roots=a.active_roots,
+                            modality_gap=a.modality_gap, seed=a.seed)
+    for name, path in files.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from msae.cache import open_cache
+
+    c = open_cache(a.cache, verify=a.verify)
+    print(json.dumps(c.info.to_dict() | ({"verified": True} if a.verify else {}), indent=2))
     return 0
 
 
@@ -128,42 +185,60 @@ def cmd_import_reference(a: argparse.Namespace) -> int:
     return 0
 
 
+def demo_data(workdir: Path) -> dict[str, Path]:
+    """The embedded default data: synthetic CLIP-like caches, made on first use under ``workdir/data``."""
+    from msae.synthetic import SPLITS, TRUTH_FILE, write_synthetic
+
+    folder = workdir / "data"
+    files = {f"{m}_{s}": folder / f"{m}_{s}.arrow" for m, s in SPLITS} | {"truth": folder / TRUTH_FILE}
+    if not all(p.is_file() for p in files.values()):
+        print(f"making synthetic CLIP-like data in {folder}", file=sys.stderr)
+        write_synthetic(folder, 20000, 4000, overwrite=True, d=64, seed=0)
+    return files
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
-    import numpy as np
     from msae import checkpoint
     from msae.config import SAEConfig, TrainConfig, doubling_levels
+    from msae.data import load_array
     from msae.evaluate import evaluate, progressive_ks
     from msae.sae import create_sae
-    from msae.synthetic import make_synthetic
     from msae.train import fit
 
     work = Path(a.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    syn = make_synthetic(n_samples=24000, d=64, n_features=256, seed=0)
-    train, held = syn.x[:20000], syn.x[20000:]
-    np.save(work / "train.npy", train)
-    np.save(work / "eval.npy", held)
+    files = demo_data(work)
+    train, held = load_array(files["image_train"]), load_array(files["image_val"])
+    truth = _load_truth(files["truth"])
     n = 512
     runs = {"topk-k16": SAEConfig("topk", 64, n, k=16),
             "msae-rw": SAEConfig("msae", 64, n, levels=doubling_levels(8, n), weighting="rw"),
             "relu-l1": SAEConfig("relu", 64, n, l1=0.003)}
-    lrs = {"topk": 5e-4, "msae": 5e-4, "relu": 5e-4}
     rows = []
     for name, cfg in runs.items():
-        tcfg = TrainConfig(lr=lrs[cfg.method], epochs=a.epochs, batch_size=1024, seed=0)
+        tcfg = TrainConfig(lr=5e-4, epochs=a.epochs, batch_size=1024, seed=0)
         sae = create_sae(cfg, 0)
         print(f"training {name} ({cfg.method}, 64 -> {n}) on synthetic CLIP-like data", file=sys.stderr)
         fit(sae, train, tcfg, progress=not a.quiet)
         checkpoint.save(sae, work / name, train=tcfg.to_dict(), preprocessing=_preprocessing_record(sae, tcfg))
         res = evaluate(sae, held, [None] + [k for k in progressive_ks(n) if k <= 64])
+        res["recovery"] = _recovery(sae, truth)
         checkpoint.write_json(work / name / "eval.json", res)
+        rec = res.pop("recovery")["recovery"]
         for key, r in res.items():
-            rows.append((name, key, r["l0"], r["fvu"], r["cosine"], r["dead_fraction"]))
-    print(f"{'model':<10} {'k':>5} {'L0':>7} {'FVU':>8} {'cosine':>7} {'dead':>6}")
-    for name, key, l0, fvu, cos, dead in rows:
-        print(f"{name:<10} {key:>5} {l0:7.1f} {fvu:8.4f} {cos:7.4f} {dead:6.3f}")
+            rows.append((name, key, r["l0"], r["fvu"], r["cosine"], r["dead_fraction"], rec))
+    print(f"{'model':<10} {'k':>5} {'L0':>7} {'FVU':>8} {'cosine':>7} {'dead':>6} {'recovery':>8}")
+    for name, key, l0, fvu, cos, dead, rec in rows:
+        print(f"{name:<10} {key:>5} {l0:7.1f} {fvu:8.4f} {cos:7.4f} {dead:6.3f} {rec:8.3f}")
     print(f"checkpoints and eval.json files in {work}/")
     return 0
+
+
+def _add_cache_options(p: argparse.ArgumentParser, split: bool = True) -> None:
+    """Options of every command that writes feature caches."""
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage dtype")
+    if split:
+        p.add_argument("--split", default="train", help="split name recorded in the cache (default train)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one SAE on an embedding file")
-    t.add_argument("--data", required=True, help="train embeddings (.npy or reference _N_D.npy)")
+    t.add_argument("--data", required=True, help="train embeddings (feature cache, .npy or reference _N_D.npy)")
     t.add_argument("--eval", action="append", help="evaluation embeddings (repeatable)")
     t.add_argument("--method", required=True, choices=["relu", "topk", "batchtopk", "msae"])
     t.add_argument("--expansion", type=float, default=8.0, help="n = expansion * d (default 8)")
@@ -202,8 +277,52 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=4096)
     e.add_argument("--cknna-rows", type=int, default=1024)
     e.add_argument("--device", default="auto")
+    e.add_argument("--truth", help="ground-truth dictionary from `msae synth`: adds the recovery score")
     e.add_argument("--out", required=True, help="output JSON file")
     e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("extract", help="embed images or texts with an open_clip model into a feature cache")
+    x.add_argument("--model", required=True, help="open_clip model name, or a model-config .json file")
+    x.add_argument("--pretrained", required=True, help="open_clip pretrained tag, or a local weights file")
+    src = x.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder of images (recursive), or tar shards (file, {000..009} range, glob)")
+    src.add_argument("--texts", help=".txt (one text per line), .csv or .parquet file")
+    x.add_argument("--text-column", help="column of a .csv/.parquet texts file (default: text)")
+    x.add_argument("--batch-size", type=int, default=256)
+    x.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
+    x.add_argument("--device", default="auto", help="auto (CUDA with fp16 autocast when present), cpu, cuda:N")
+    _add_cache_options(x)
+    x.add_argument("--quiet", action="store_true")
+    x.add_argument("--out", required=True, help="cache file to write (.arrow)")
+    x.set_defaults(func=cmd_extract)
+
+    im = sub.add_parser("import-features", help="convert .npy, reference _N_D.npy, Parquet or Arrow embeddings to a cache")
+    im.add_argument("file")
+    im.add_argument("--out", required=True, help="cache file to write (.arrow)")
+    im.add_argument("--column", help="the list column holding embeddings (tables with several)")
+    im.add_argument("--model", default="unknown", help="model name to record")
+    im.add_argument("--pretrained", default="unknown", help="pretrained tag or weights hash to record")
+    im.add_argument("--modality", choices=["image", "text"], default="image")
+    _add_cache_options(im)
+    im.set_defaults(func=cmd_import_features)
+
+    sy = sub.add_parser("synth", help="CLIP-like synthetic caches with a known hierarchical dictionary")
+    sy.add_argument("--out", required=True, help="folder to create")
+    sy.add_argument("--n", type=int, default=20000, help="train rows per modality")
+    sy.add_argument("--n-val", type=int, default=4000, help="validation rows per modality")
+    sy.add_argument("--d", type=int, default=64)
+    sy.add_argument("--roots", type=int, default=32, help="root features")
+    sy.add_argument("--branching", default="3,2", help="children per feature at each deeper level")
+    sy.add_argument("--active-roots", type=float, default=3.0, help="mean active root features per sample")
+    sy.add_argument("--modality-gap", type=float, default=4.0)
+    sy.add_argument("--seed", type=int, default=0)
+    _add_cache_options(sy, split=False)
+    sy.set_defaults(func=cmd_synth)
+
+    ins = sub.add_parser("inspect", help="print a feature cache's metadata")
+    ins.add_argument("cache")
+    ins.add_argument("--verify", action="store_true", help="recompute the content hash")
+    ins.set_defaults(func=cmd_inspect)
 
     r = sub.add_parser("import-reference", help="import a reference-code .pth checkpoint")
     r.add_argument("file")

@@ -1,7 +1,7 @@
 """Reading embedding arrays and serving shuffled batches (no per-sample Python).
 
-Formats: ``.npy`` (memory-mapped) and the reference code's headerless float32 row-major files
-named ``..._{N}_{D}.npy``. Every array is validated when opened (2-D, finite) and returned as a
+Formats: msae feature caches (Arrow IPC, memory-mapped; see msae.cache), ``.npy`` (memory-mapped)
+and the reference code's headerless float32 row-major files named ``..._{N}_{D}.npy``. Every array is validated when opened (2-D, finite) and returned as a
 read-only float32 array without a private copy when the file is float32 already.
 """
 from __future__ import annotations
@@ -26,6 +26,9 @@ def load_array(path: str | os.PathLike, expect_dim: int | None = None, check_fin
     p = Path(path)
     if not p.is_file():
         raise MsaeError(f"{p}: no such file")
+    from msae.cache import is_cache, open_cache
+    if is_cache(p):
+        return open_cache(p, expect_dim=expect_dim, check_finite=check_finite).embeddings
     arr = _open(p)
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise MsaeError(f"{p}: expected a 2-D array of embeddings (N, d), got shape {list(arr.shape)}")

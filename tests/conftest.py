@@ -29,7 +29,7 @@ def cfg(request) -> SAEConfig:
 
 @pytest.fixture(scope="session")
 def synth():
-    return make_synthetic(n_samples=6000, d=D, n_features=96, active=4.0, seed=0)
+    return make_synthetic(n_samples=6000, d=D, roots=16, branching=(2, 2), active_roots=2.0, seed=0)
 
 
 @pytest.fixture(scope="session")
