@@ -185,52 +185,41 @@ def cmd_import_reference(a: argparse.Namespace) -> int:
     return 0
 
 
-def demo_data(workdir: Path) -> dict[str, Path]:
-    """The embedded default data: synthetic CLIP-like caches, made on first use under ``workdir/data``."""
-    from msae.synthetic import SPLITS, TRUTH_FILE, write_synthetic
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from msae.sweep.runner import Overrides, run_sweep
 
-    folder = workdir / "data"
-    files = {f"{m}_{s}": folder / f"{m}_{s}.arrow" for m, s in SPLITS} | {"truth": folder / TRUTH_FILE}
-    if not all(p.is_file() for p in files.values()):
-        print(f"making synthetic CLIP-like data in {folder}", file=sys.stderr)
-        write_synthetic(folder, 20000, 4000, overwrite=True, d=64, seed=0)
-    return files
+    resume = False if a.resume is None else (a.resume or True)  # --resume alone: the latest unfinished sweep
+    summary = run_sweep(a.spec, resume=resume,
+                        overrides=Overrides(address=a.address, storage=a.storage, tracking_uri=a.tracking_uri,
+                                            cpus=a.cpus, gpu=a.gpu), quiet=a.quiet)
+    return 0 if summary["done"] > 0 else 1
 
 
-def cmd_demo(a: argparse.Namespace) -> int:
-    from msae import checkpoint
-    from msae.config import SAEConfig, TrainConfig, doubling_levels
-    from msae.data import load_array
-    from msae.evaluate import evaluate, progressive_ks
-    from msae.sae import create_sae
-    from msae.train import fit
+def cmd_pareto(a: argparse.Namespace) -> int:
+    from msae.sweep.fronts import format_table, log_pareto
+    from msae.sweep.runner import STATE_FILE, find_sweep
+    from msae.sweep.spec import load_spec
 
-    work = Path(a.workdir)
-    files = demo_data(work)
-    train, held = load_array(files["image_train"]), load_array(files["image_val"])
-    truth = _load_truth(files["truth"])
-    n = 512
-    runs = {"topk-k16": SAEConfig("topk", 64, n, k=16),
-            "msae-rw": SAEConfig("msae", 64, n, levels=doubling_levels(8, n), weighting="rw"),
-            "relu-l1": SAEConfig("relu", 64, n, l1=0.003)}
-    rows = []
-    for name, cfg in runs.items():
-        tcfg = TrainConfig(lr=5e-4, epochs=a.epochs, batch_size=1024, seed=0)
-        sae = create_sae(cfg, 0)
-        print(f"training {name} ({cfg.method}, 64 -> {n}) on synthetic CLIP-like data", file=sys.stderr)
-        fit(sae, train, tcfg, progress=not a.quiet)
-        checkpoint.save(sae, work / name, train=tcfg.to_dict(), preprocessing=_preprocessing_record(sae, tcfg))
-        res = evaluate(sae, held, [None] + [k for k in progressive_ks(n) if k <= 64])
-        res["recovery"] = _recovery(sae, truth)
-        checkpoint.write_json(work / name / "eval.json", res)
-        rec = res.pop("recovery")["recovery"]
-        for key, r in res.items():
-            rows.append((name, key, r["l0"], r["fvu"], r["cosine"], r["dead_fraction"], rec))
-    print(f"{'model':<10} {'k':>5} {'L0':>7} {'FVU':>8} {'cosine':>7} {'dead':>6} {'recovery':>8}")
-    for name, key, l0, fvu, cos, dead, rec in rows:
-        print(f"{name:<10} {key:>5} {l0:7.1f} {fvu:8.4f} {cos:7.4f} {dead:6.3f} {rec:8.3f}")
-    print(f"checkpoints and eval.json files in {work}/")
+    spec = load_spec(a.spec)
+    uri = a.tracking_uri or spec.tracking.uri
+    folder = find_sweep(Path(a.storage or spec.storage).resolve(), spec.name, a.sweep_id or "", include_finished=True)
+    sweep_id = json.loads((folder / STATE_FILE).read_text())["sweep_id"]
+    ref = {"l0": spec.pareto.reference_l0, "fvu": spec.pareto.reference_fvu,
+           "one_minus_cosine": spec.pareto.reference_one_minus_cosine}
+    fronts = log_pareto(uri, spec.experiment, sweep_id, ref)
+    print(format_table(fronts))
+    print(f"logged to parent run {fronts['parent_run_id']} of sweep {sweep_id} ({uri})")
     return 0
+
+
+def cmd_ui(a: argparse.Namespace) -> int:
+    import subprocess
+
+    from msae.sweep.server import check_bind, server_command, server_env
+
+    check_bind(a.host, a.port)
+    print(f"MLflow UI for {a.tracking_uri} at http://{a.host}:{a.port} (Ctrl-C stops it)", file=sys.stderr)
+    return subprocess.call(server_command(a.tracking_uri, a.host, a.port), env=server_env())
 
 
 def _add_cache_options(p: argparse.ArgumentParser, split: bool = True) -> None:
@@ -329,11 +318,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("out_dir")
     r.set_defaults(func=cmd_import_reference)
 
-    dm = sub.add_parser("demo", help="train three small SAEs on synthetic data and compare them")
-    dm.add_argument("--workdir", default="msae-demo")
-    dm.add_argument("--epochs", type=int, default=5)
-    dm.add_argument("--quiet", action="store_true")
-    dm.set_defaults(func=cmd_demo)
+    sw = sub.add_parser("sweep", help="run a sweep spec with Ray Tune, tracked in MLflow (docs/sweeps.md)")
+    sw.add_argument("spec", help="sweep spec YAML (e.g. sweeps/demo.yaml)")
+    sw.add_argument("--resume", nargs="?", const="", default=None, metavar="SWEEP_ID",
+                    help="continue the latest unfinished sweep of this spec (or the one named)")
+    sw.add_argument("--address", help="join a running Ray cluster (auto, or HOST:PORT; default: RAY_ADDRESS, "
+                    "else a private local Ray on 127.0.0.1)")
+    sw.add_argument("--storage", help="folder (shared by all nodes on a cluster) for checkpoints and state")
+    sw.add_argument("--tracking-uri", help="MLflow tracking URI (overrides the spec)")
+    sw.add_argument("--cpus", type=float, help="CPUs per trial (overrides the spec)")
+    sw.add_argument("--gpu", type=float, help="GPU (fraction) per trial (overrides the spec)")
+    sw.add_argument("--quiet", action="store_true")
+    sw.set_defaults(func=cmd_sweep)
+
+    pa_ = sub.add_parser("pareto", help="recompute a sweep's Pareto fronts and log them to its parent run")
+    pa_.add_argument("spec")
+    pa_.add_argument("--sweep-id", help="default: the latest sweep of this spec")
+    pa_.add_argument("--storage")
+    pa_.add_argument("--tracking-uri")
+    pa_.set_defaults(func=cmd_pareto)
+
+    ui = sub.add_parser("ui", help="open the MLflow UI on a tracking store (bound to 127.0.0.1)")
+    ui.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
     return p
 
 

@@ -1,0 +1,1 @@
+"""The sweep service: Ray Tune trials over SAE grids, MLflow tracking, Pareto fronts."""
