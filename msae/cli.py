@@ -222,6 +222,22 @@ def cmd_ui(a: argparse.Namespace) -> int:
     return subprocess.call(server_command(a.tracking_uri, a.host, a.port), env=server_env())
 
 
+def cmd_tracking_server(a: argparse.Namespace) -> int:
+    from msae.sweep.server import server_status, start_server, stop_server
+
+    if a.action == "start":
+        info = start_server(a.backend_uri, a.artifacts, a.host, a.port, a.state_dir, timeout=a.timeout)
+        print(f"tracking server running: {info['url']} (pid {info['pid']}, store {info['backend_uri']}, "
+              f"artifacts {info['artifacts']}); use --tracking-uri {info['url']}")
+    elif a.action == "stop":
+        print("stopped" if stop_server(a.state_dir) else f"no tracking server recorded in {a.state_dir}")
+    else:
+        st = server_status(a.state_dir)
+        print(json.dumps(st))
+        return 0 if st.get("healthy") else 1
+    return 0
+
+
 def _add_cache_options(p: argparse.ArgumentParser, split: bool = True) -> None:
     """Options of every command that writes feature caches."""
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage dtype")
@@ -343,6 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
+
+    ts = sub.add_parser("tracking-server", help="start, stop or check a shared MLflow tracking server (docs/cluster.md)")
+    ts.add_argument("action", choices=["start", "stop", "status"])
+    ts.add_argument("--backend-uri", default="sqlite:///mlflow/mlflow.db",
+                    help="sqlite:///FILE or postgresql://USER:PASS@HOST/DB (default sqlite:///mlflow/mlflow.db)")
+    ts.add_argument("--artifacts", default="mlflow/artifacts",
+                    help="artifact store the server proxies (folder, s3://...; default mlflow/artifacts)")
+    ts.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; reach it by SSH tunnel)")
+    ts.add_argument("--port", type=int, default=5000)
+    ts.add_argument("--state-dir", default="mlflow/run", help="PID and log files (default mlflow/run)")
+    ts.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the health check")
+    ts.set_defaults(func=cmd_tracking_server)
     return p
 
 

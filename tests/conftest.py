@@ -38,3 +38,12 @@ def synth_files(tmp_path_factory, synth):
     np.save(root / "train.npy", synth.x[:5000])
     np.save(root / "eval.npy", synth.x[5000:])
     return root / "train.npy", root / "eval.npy"
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory):
+    """A migrated, empty SQLite tracking DB (migrations take seconds: done once, copied per test)."""
+    from mlflow.tracking import MlflowClient
+    db = tmp_path_factory.mktemp("mlflow") / "template.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db

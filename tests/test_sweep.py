@@ -51,14 +51,6 @@ def data_dir(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="session")
-def mlflow_template(tmp_path_factory):
-    """A migrated, empty SQLite tracking DB (migrations take seconds: done once, copied per test)."""
-    db = tmp_path_factory.mktemp("mlflow") / "template.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
-
-
 @pytest.fixture
 def work(tmp_path, mlflow_template, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root (./mlruns) lands here

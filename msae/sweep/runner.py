@@ -100,6 +100,8 @@ def start_ray(address: str | None, env: dict[str, str]) -> bool:
         return False
     runtime_env = {"env_vars": env} if env else None
     if address:
+        # inside a Ray job the job's own runtime env is merged with ours instead of refusing the overlap
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -170,6 +172,7 @@ def run_sweep(spec_path: str, resume: str | bool = False, overrides: Overrides =
     tracking.check_tracking_uri(uri)
     os.environ.update(tracking.tracking_env())
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our own progress lines instead of Tune's tables
     cluster_mode = bool(overrides.address or os.environ.get("RAY_ADDRESS"))
     started = start_ray(overrides.address or os.environ.get("RAY_ADDRESS"), worker_env())
     try:

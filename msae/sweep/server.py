@@ -55,3 +55,104 @@ def wait_healthy(url: str, timeout: float = 120.0, proc=None) -> bool:
             pass
         time.sleep(0.5)
     return False
+
+
+PID_FILE, LOG_FILE = "server.pid", "server.log"
+
+
+def start_server(backend_uri: str, artifacts: str, host: str, port: int, state_dir: str | os.PathLike,
+                 timeout: float = 180.0) -> dict:
+    """Start ``mlflow server`` detached (its own process group), wait for its health check, record its PID."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    state = Path(state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    running = server_status(state)
+    if running["running"]:
+        raise MsaeError(f"tracking server already running (pid {running['pid']}, {running['url']}); "
+                        f"stop it first: msae tracking-server stop --state-dir {state}")
+    if backend_uri.startswith("sqlite:///"):
+        folder = Path(backend_uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise MsaeError(f"--backend-uri {backend_uri}: folder {folder} does not exist")
+    check_bind(host, port)
+    if "://" not in artifacts:
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        artifacts = str(Path(artifacts).resolve())
+    log = open(state / LOG_FILE, "ab")
+    proc = subprocess.Popen(server_command(backend_uri, host, port, artifacts_destination=artifacts),
+                            env=server_env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    log.close()
+    url = f"http://{host}:{port}"
+    info = {"pid": proc.pid, "url": url, "backend_uri": backend_uri, "artifacts": artifacts, "host": host, "port": port}
+    tmp = state / f".{PID_FILE}.tmp"
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, state / PID_FILE)
+    if not wait_healthy(url, timeout, proc):
+        stop_server(state)
+        tail = (state / LOG_FILE).read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise MsaeError(f"tracking server did not become healthy at {url} within {timeout:.0f} s ({tail[0][:200]}); "
+                        f"log: {state / LOG_FILE}")
+    return info
+
+
+def server_status(state_dir: str | os.PathLike) -> dict:
+    import json
+    from pathlib import Path
+
+    pid_file = Path(state_dir) / PID_FILE
+    if not pid_file.is_file():
+        return {"running": False}
+    info = json.loads(pid_file.read_text())
+    alive = _alive(info["pid"])
+    healthy = alive and wait_healthy(info["url"], timeout=3)
+    return {**info, "running": alive, "healthy": healthy}
+
+
+def stop_server(state_dir: str | os.PathLike, timeout: float = 30.0) -> bool:
+    """SIGTERM the server's process group (we started it as its own session), SIGKILL after ``timeout``."""
+    import json
+    import signal
+    from pathlib import Path
+
+    pid_file = Path(state_dir) / PID_FILE
+    if not pid_file.is_file():
+        return False
+    pid = json.loads(pid_file.read_text())["pid"]
+    if _alive(pid):
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.time() + timeout
+        while time.time() < deadline and _group_alive(pid):
+            time.sleep(0.2)
+        if _group_alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as stopped
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
