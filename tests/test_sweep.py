@@ -105,7 +105,9 @@ def test_grid_sweep_end_to_end(ray_local, data_dir, work):
         hist = c.get_metric_history(run.info.run_id, "train_loss")
         assert sorted(h.step for h in hist) == [1, 2, 3], key  # every epoch exactly once
         arts = {a.path for a in c.list_artifacts(run.info.run_id, "sae")}
-        assert {"sae/model.safetensors", "sae/config.json"} <= arts
+        assert {"sae/model.safetensors", "sae/config.json", "sae/metrics.json"} <= arts
+        logged = json.loads(Path(c.download_artifacts(run.info.run_id, "sae/metrics.json", str(work))).read_text())
+        assert logged["final"]["fvu"] == m["fvu"]  # the artifact is the final model
     assert "k" not in by_key["relu_lr0.003_l10.01"].data.params and "l1" not in by_key["topk_lr0.003_k4"].data.params
     # the curve of a TopK-style trial: k = 16, 32, 64 (n = 64)
     curve = c.get_metric_history(by_key["topk_lr0.003_k4"].info.run_id, "curve/l0")

@@ -236,7 +236,7 @@ def _tune(spec, sweep_id, sweep_dir, trials, train, evals, truth, uri, exp_id, p
              "primary": next(iter(evals), None), "truth": truth, "threads": max(1, int(spec.resources.cpus))}
     trainable = tune.with_resources(tune.with_parameters(run_trial, train=train, evals=evals, setup=setup),
                                     {"cpu": spec.resources.cpus, "gpu": spec.resources.gpu})
-    callbacks = [MlflowSweepCallback(uri, exp_id, parent_id, sweep_id),
+    callbacks = [MlflowSweepCallback(uri, exp_id, parent_id, sweep_id, str(sweep_dir)),
                  SweepProgress(len(trials) or spec.search.trials, quiet)]
     if resume and tune.Tuner.can_restore(str(sweep_dir)):
         tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -245,7 +245,7 @@ def _tune(spec, sweep_id, sweep_dir, trials, train, evals, truth, uri, exp_id, p
                            run_config=tune.RunConfig(
                                name=sweep_dir.name, storage_path=str(sweep_dir.parent), callbacks=callbacks, verbose=0,
                                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                               checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+                               checkpoint_config=tune.CheckpointConfig(num_to_keep=None)))
     grid = tuner.fit()
     callbacks[0].reconcile(grid)
     done = failed = 0

@@ -100,8 +100,9 @@ class MlflowSweepCallback(Callback):
     """A Tune callback (driver side). Picklable: the client is made lazily, the trial->run map is rebuilt
     from tags after a restore."""
 
-    def __init__(self, uri: str, exp_id: str, parent_id: str, sweep_id: str):
+    def __init__(self, uri: str, exp_id: str, parent_id: str, sweep_id: str, sweep_dir: str):
         self.uri, self.exp_id, self.parent_id, self.sweep_id = uri, exp_id, parent_id, sweep_id
+        self.sweep_dir = sweep_dir
         self._c = None
         self._runs: dict[str, str] = {}
         self._finished: set[str] = set()
@@ -158,6 +159,8 @@ class MlflowSweepCallback(Callback):
         if rid in self._finished:
             return
         from mlflow.entities import Metric, RunTag
+
+        from msae.sweep.space import trial_params
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         if step <= self._logged.get(rid, 0) and not result.get("final"):
             return  # an epoch logged before the trial restarted: keep the first record
@@ -171,7 +174,7 @@ class MlflowSweepCallback(Callback):
         for s in range(0, len(metrics), 900):
             self.c.log_batch(rid, metrics=metrics[s:s + 900], tags=tags if s == 0 else [])
         if result.get("final"):
-            self._finish(rid, trial, result)
+            self._finish(rid, trial_params(trial.config)["key"], result)
 
     def reconcile(self, result_grid) -> None:
         """After fit(): close runs whose trial Tune already counted as done before a driver restart
@@ -194,17 +197,16 @@ class MlflowSweepCallback(Callback):
                 self.c.set_tag(run.info.run_id, "msae.stopped_early", "true")
                 self.c.set_terminated(run.info.run_id, status="FINISHED")
 
-    def _finish(self, rid: str, trial, result: dict) -> None:
+    def _finish(self, rid: str, key: str, result: dict) -> None:
+        from msae.sweep.trial import final_sae_dir
+
         if result.get("diverged"):
             self.c.set_tag(rid, "msae.failure_reason", result.get("failure", "diverged"))
             self.c.set_terminated(rid, status="FAILED")
         else:
-            ckpt = trial.checkpoint
-            if ckpt is not None:
-                from msae.sweep.trial import SAE_DIR
-                with ckpt.as_directory() as d:
-                    if (Path(d) / SAE_DIR).is_dir():
-                        self.c.log_artifacts(rid, str(Path(d) / SAE_DIR), artifact_path="sae")
+            sae = final_sae_dir(self.sweep_dir, key)
+            if sae.is_dir():
+                self.c.log_artifacts(rid, str(sae), artifact_path="sae")
             self.c.set_terminated(rid, status="FINISHED")
         self._finished.add(rid)
 
@@ -229,7 +231,7 @@ class _Done:
     """The parts of a Tune trial that the callback reads, from a finished trial's Result."""
 
     def __init__(self, result, run_id: str):
-        self.config, self.checkpoint, self.trial_id = result.config, result.checkpoint, f"done:{run_id}"
+        self.config, self.trial_id = result.config, f"done:{run_id}"
 
 
 def _error_text(trial) -> str:

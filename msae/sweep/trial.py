@@ -1,13 +1,20 @@
 """One Ray Tune trial: train one SAE on the shared cache arrays, report every epoch with a checkpoint.
 
 The arrays arrive through ``tune.with_parameters`` (the object store): read-only, zero-copy views.
-A trial resumes from ``tune.get_checkpoint()`` (retries, sweep resume). A trial whose final result
-file exists already (``results/KEY.json`` in the sweep folder) reports it again and trains nothing.
+
+State on the sweep's storage path (reached by every node):
+- ``trials/KEY/``: the trial's latest training state (SAE, optimiser, epoch), replaced atomically
+  after every epoch. A trial that starts again (retry, sweep resume) continues from it.
+- ``results/KEY.json`` and ``results/KEY.sae/``: the final result and the final SAE checkpoint. A
+  trial that finds them reports the result again and trains nothing.
+The Tune checkpoint of every epoch records only the epoch; Tune keeps them all (they are tiny), so a
+restored experiment never points at a deleted checkpoint.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -105,12 +112,12 @@ def run_trial(config: dict[str, Any], *, train: np.ndarray, evals: dict[str, np.
     scfg, tcfg = sae_config(p, train.shape[1], spec.expansion), train_config(p, spec, device)
     sae = create_sae(scfg, tcfg.seed)
     trainer = None
-    ckpt = tune.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            sae = checkpoint.load(Path(d) / SAE_DIR, device=torch.device(device))
-            trainer = Trainer(sae, tcfg)
-            trainer.load_state_dict(torch.load(Path(d) / TRAINER_STATE, weights_only=True, map_location=device))
+    state_dir = Path(setup["sweep_dir"]) / "trials" / key
+    saved = _latest_state(state_dir)
+    if saved is not None:
+        sae = checkpoint.load(saved / SAE_DIR, device=torch.device(device))
+        trainer = Trainer(sae, tcfg)
+        trainer.load_state_dict(torch.load(saved / TRAINER_STATE, weights_only=True, map_location=device))
     rows = spec.training.epoch_eval_rows
     epoch_evals = {name: arr[:rows] if rows else arr for name, arr in evals.items()}
     primary = setup.get("primary")
@@ -121,7 +128,7 @@ def run_trial(config: dict[str, Any], *, train: np.ndarray, evals: dict[str, np.
         metrics = rec.flat()
         if primary is not None:
             metrics.update(_plain("", {k: rec.eval[primary][k] for k in HEADLINE if k in rec.eval[primary]}))
-        metrics.update(memory, node_id=_node_id(), resumed=int(ckpt is not None), private_mb=_rss_anon() / 2**20)
+        metrics.update(memory, node_id=_node_id(), resumed=int(saved is not None), private_mb=_rss_anon() / 2**20)
         steady.setdefault("anon", _rss_anon())  # steady state starts after the first epoch (buffers, optimiser)
         final = rec.epoch == tcfg.epochs
         curve: list = []
@@ -130,17 +137,19 @@ def run_trial(config: dict[str, Any], *, train: np.ndarray, evals: dict[str, np.
             metrics.update(fm)
             metrics.update(final=1, curve=json.dumps(curve),
                            private_growth_mb=(_rss_anon() - steady["anon"]) / 2**20)
+        sae_info = {"train": tcfg.to_dict(), "data": {"sweep": setup["sweep_id"], "trial": key, "rows": int(train.shape[0])},
+                    "preprocessing": {"scaling": tcfg.scaling, "mean_center": tcfg.mean_center, "scale": float(sae.scale)}}
+        _save_state(state_dir, sae, tr, rec.epoch, sae_info)
+        if final:
+            final_sae = final_sae_dir(setup["sweep_dir"], key)
+            checkpoint.save(sae, final_sae, **sae_info)
+            checkpoint.write_json(final_sae / "metrics.json", {"final": metrics, "curve": curve})
+            _write_done(done, metrics)
         with tempfile.TemporaryDirectory(prefix="msae-ckpt-") as tmp:
-            checkpoint.save(sae, Path(tmp) / SAE_DIR, train=tcfg.to_dict(),
-                            preprocessing={"scaling": tcfg.scaling, "mean_center": tcfg.mean_center,
-                                           "scale": float(sae.scale)},
-                            data={"sweep": setup["sweep_id"], "trial": key, "rows": int(train.shape[0])})
-            torch.save(tr.state_dict(), Path(tmp) / TRAINER_STATE)
-            if final:
-                checkpoint.write_json(Path(tmp) / SAE_DIR / "metrics.json", {"final": metrics, "curve": curve})
+            (Path(tmp) / "epoch.json").write_text(json.dumps({"trial": key, "epoch": rec.epoch}))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
         if final:
-            _write_done(done, metrics)
+            shutil.rmtree(state_dir, ignore_errors=True)  # the final SAE lives in the last Tune checkpoint
         if crash:
             target, rest = crash.split("@", 1)
             at, marker_dir = rest.split(":", 1)
@@ -157,6 +166,34 @@ def run_trial(config: dict[str, Any], *, train: np.ndarray, evals: dict[str, np.
         result = {"diverged": 1, "failure": f"diverged: {e}", "final": 1, "node_id": _node_id()}
         _write_done(done, result)
         tune.report(result)
+
+
+def final_sae_dir(sweep_dir: str | Path, key: str) -> Path:
+    return Path(sweep_dir) / "results" / f"{key}.sae"
+
+
+def _save_state(state_dir: Path, sae, trainer: Trainer, epoch: int, sae_info: dict) -> None:
+    """Replace ``state_dir`` with this epoch's state: write beside it, then swap by renames; at every
+    moment either the new or the previous state is complete (marker file ``complete``)."""
+    tmp = state_dir.with_name(f".{state_dir.name}.new")
+    old = state_dir.with_name(f".{state_dir.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    checkpoint.save(sae, tmp / SAE_DIR, **sae_info)
+    torch.save(trainer.state_dict(), tmp / TRAINER_STATE)
+    (tmp / "complete").write_text(str(epoch))
+    shutil.rmtree(old, ignore_errors=True)
+    if state_dir.exists():
+        os.replace(state_dir, old)
+    os.replace(tmp, state_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _latest_state(state_dir: Path) -> Path | None:
+    """The trial's saved state, or the previous one when the swap was cut short."""
+    for d in (state_dir, state_dir.with_name(f".{state_dir.name}.old")):
+        if (d / "complete").is_file():
+            return d
+    return None
 
 
 def _write_done(path: Path, metrics: dict[str, Any]) -> None:
