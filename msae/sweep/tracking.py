@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -141,8 +142,24 @@ class MlflowSweepCallback(Callback):
         else:
             hist = self.c.get_metric_history(run.info.run_id, "train_loss")
             self._logged[run.info.run_id] = max((h.step for h in hist), default=0)
+            self._backfill(run.info.run_id, p["key"])
         self._runs[trial.trial_id] = run.info.run_id
         return run.info.run_id
+
+    def _backfill(self, rid: str, key: str) -> None:
+        """Log the epochs a trial reported that the driver did not log before it was restarted."""
+        from msae.sweep.trial import history_file
+
+        path = history_file(self.sweep_dir, key)
+        if not path.is_file():
+            return
+        for line in path.read_text().splitlines():
+            try:
+                result = json.loads(line)
+            except json.JSONDecodeError:  # a line cut off by a crash
+                continue
+            if not result.get("final") and int(result.get("epoch", 0)) > self._logged.get(rid, 0):
+                self._log_epoch(rid, result)
 
     # Tune callback hooks ------------------------------------------------------------------
 
@@ -158,14 +175,21 @@ class MlflowSweepCallback(Callback):
         rid = self.run_id(trial)
         if rid in self._finished:
             return
-        from mlflow.entities import Metric, RunTag
-
         from msae.sweep.space import trial_params
+
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         if step <= self._logged.get(rid, 0) and not result.get("final"):
             return  # an epoch logged before the trial restarted: keep the first record
-        self._logged[rid] = step
-        ts = int(result.get("timestamp", 0) * 1000)
+        self._log_epoch(rid, result)
+        if result.get("final"):
+            self._finish(rid, trial_params(trial.config)["key"], result)
+
+    def _log_epoch(self, rid: str, result: dict) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        self._logged[rid] = max(step, self._logged.get(rid, 0))
+        ts = int(result.get("timestamp", time.time()) * 1000)
         metrics = [Metric(k, v, ts, step) for k, v in _numeric(result).items()]
         tags = [RunTag(f"msae.{k}", str(result[k])[:5000]) for k in _STRING_RESULTS if k in result]
         if result.get("curve"):
@@ -173,8 +197,6 @@ class MlflowSweepCallback(Callback):
                 metrics += [Metric(f"curve/{m}", float(point[m]), ts, int(point["k"])) for m in ("l0", "fvu", "cosine")]
         for s in range(0, len(metrics), 900):
             self.c.log_batch(rid, metrics=metrics[s:s + 900], tags=tags if s == 0 else [])
-        if result.get("final"):
-            self._finish(rid, trial_params(trial.config)["key"], result)
 
     def reconcile(self, result_grid) -> None:
         """After fit(): close runs whose trial Tune already counted as done before a driver restart

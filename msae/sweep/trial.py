@@ -5,6 +5,7 @@ The arrays arrive through ``tune.with_parameters`` (the object store): read-only
 State on the sweep's storage path (reached by every node):
 - ``trials/KEY/``: the trial's latest training state (SAE, optimiser, epoch), replaced atomically
   after every epoch. A trial that starts again (retry, sweep resume) continues from it.
+- ``trials/KEY.history.jsonl``: every result the trial reported (for the driver's MLflow logging).
 - ``results/KEY.json`` and ``results/KEY.sae/``: the final result and the final SAE checkpoint. A
   trial that finds them reports the result again and trains nothing.
 The Tune checkpoint of every epoch records only the epoch; Tune keeps them all (they are tiny), so a
@@ -139,15 +140,18 @@ def run_trial(config: dict[str, Any], *, train: np.ndarray, evals: dict[str, np.
                            private_growth_mb=(_rss_anon() - steady["anon"]) / 2**20)
         sae_info = {"train": tcfg.to_dict(), "data": {"sweep": setup["sweep_id"], "trial": key, "rows": int(train.shape[0])},
                     "preprocessing": {"scaling": tcfg.scaling, "mean_center": tcfg.mean_center, "scale": float(sae.scale)}}
-        _save_state(state_dir, sae, tr, rec.epoch, sae_info)
         if final:
             final_sae = final_sae_dir(setup["sweep_dir"], key)
             checkpoint.save(sae, final_sae, **sae_info)
             checkpoint.write_json(final_sae / "metrics.json", {"final": metrics, "curve": curve})
             _write_done(done, metrics)
+        _append_history(history_file(setup["sweep_dir"], key), metrics)
         with tempfile.TemporaryDirectory(prefix="msae-ckpt-") as tmp:
             (Path(tmp) / "epoch.json").write_text(json.dumps({"trial": key, "epoch": rec.epoch}))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+        # saved after the report: a trial stopped in between repeats this epoch (logged once), never skips it
+        if not final:
+            _save_state(state_dir, sae, tr, rec.epoch, sae_info)
         if final:
             shutil.rmtree(state_dir, ignore_errors=True)  # the final SAE lives in the last Tune checkpoint
         if crash:
@@ -170,6 +174,20 @@ def run_trial(config: dict[str, Any], *, train: np.ndarray, evals: dict[str, np.
 
 def final_sae_dir(sweep_dir: str | Path, key: str) -> Path:
     return Path(sweep_dir) / "results" / f"{key}.sae"
+
+
+def history_file(sweep_dir: str | Path, key: str) -> Path:
+    """Every result a trial reported, one JSON line each, written before the report: the driver
+    logs from it what a restart kept it from logging."""
+    return Path(sweep_dir) / "trials" / f"{key}.history.jsonl"
+
+
+def _append_history(path: Path, metrics: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _save_state(state_dir: Path, sae, trainer: Trainer, epoch: int, sae_info: dict) -> None:
