@@ -23,7 +23,6 @@ import time
 import torch
 
 from msae.config import SAEConfig, TrainConfig, doubling_levels
-from msae.losses import nmse
 from msae.sae import create_sae
 from msae.sae.dense import dense_training_loss
 from msae.train import Trainer

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from msae.cache import EMBEDDING, content_hash, is_cache, open_cache, write_cache
+from msae.cache import content_hash, is_cache, open_cache, write_cache
 from msae.cli import main
 from msae.data import load_array
 from msae.errors import MsaeError

@@ -1,5 +1,4 @@
 """Every SAE method through one parametrized suite (shapes, sparsity, parity, recipe, training)."""
-import numpy as np
 import pytest
 import torch
 

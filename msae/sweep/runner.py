@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from msae.errors import MsaeError
-from msae.sweep.spec import SweepSpec, load_spec
+from msae.sweep.spec import SweepSpec, load_spec, spec_from_dict
 
 STATE_FILE = "msae-sweep.json"
 _FORWARD_ENV = ("MSAE_", "MLFLOW_", "MALLOC_")
@@ -40,16 +40,15 @@ class Overrides:
 
 
 def _spec_with(spec: SweepSpec, o: Overrides) -> SweepSpec:
-    upd: dict[str, Any] = {}
+    raw = spec.model_dump()
     if o.storage:
-        upd["storage"] = o.storage
+        raw["storage"] = o.storage
     if o.tracking_uri:
-        upd["tracking"] = spec.tracking.model_copy(update={"uri": o.tracking_uri})
-    if o.cpus is not None or o.gpu is not None:
-        upd["resources"] = spec.resources.model_copy(update={k: v for k, v in (("cpus", o.cpus), ("gpu", o.gpu))
-                                                             if v is not None})
-    return SweepSpec.model_validate({**spec.model_dump(), **{k: (v.model_dump() if hasattr(v, "model_dump") else v)
-                                                             for k, v in upd.items()}})
+        raw["tracking"]["uri"] = o.tracking_uri
+    for name in ("cpus", "gpu"):
+        if getattr(o, name) is not None:
+            raw["resources"][name] = getattr(o, name)
+    return spec_from_dict(raw, "command line")
 
 
 def prepare_data(spec: SweepSpec) -> tuple[np.ndarray, dict[str, np.ndarray], dict | None, dict[str, str]]:

@@ -212,6 +212,11 @@ def parse_spec(text: str, source: str = "spec") -> SweepSpec:
         raise MsaeError(f"{source}: not valid YAML{where} ({getattr(e, 'problem', e)})") from None
     if not isinstance(raw, dict):
         raise MsaeError(f"{source}: expected a mapping of sweep settings at the top level")
+    return spec_from_dict(raw, source)
+
+
+def spec_from_dict(raw: dict, source: str = "spec") -> SweepSpec:
+    """Validate a spec mapping; the first problem becomes a one-line MsaeError naming its key."""
     try:
         return SweepSpec.model_validate(raw)
     except ValidationError as e:
@@ -219,7 +224,7 @@ def parse_spec(text: str, source: str = "spec") -> SweepSpec:
         err = errors[0]
         loc = _loc(err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
-        more = f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         raise MsaeError(f"{source}: {loc + ': ' if loc else ''}{msg}{more}") from None
