@@ -101,3 +101,10 @@ def test_compute_fronts_groups_planes_and_fractions():
     assert [p["trial"] for p in cos["points"]] == ["topk_a", "topk_a", "relu_b"]
     assert fr["fronts"]["relu/fvu"]["run_ids"] == ["r2"]
     assert set(fr["fronts"]) == {f"{g}/{p}" for g in ("all", "relu", "topk") for p in ("fvu", "one_minus_cosine")}
+
+
+def test_command_line_overrides_are_validated_like_the_spec(capsys):
+    from msae.cli import main
+    assert main(["sweep", str(SWEEPS / "demo.yaml"), "--gpu", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "command line: resources.gpu: expected a fraction <= 1" in err and err.count("\n") == 1
