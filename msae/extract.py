@@ -307,7 +307,7 @@ def extract(model: str, pretrained: str, out: str | os.PathLike, *, images: str 
     bar.close()
     if st.rows == 0:
         raise MsaeError(f"{images or texts}: no input could be read ({len(st.skipped)} skipped); nothing written")
-    width = d or _stored_width(part, st)
+    width = d or st.raw_bytes // 4 // st.rows  # resumed after the last batch: width from the raw file
     emb = np.memmap(part / RAW, dtype="<f4", mode="r", shape=(st.rows, width))
     recs = [json.loads(line) for line in (part / ROWS).read_text().splitlines()]
     extra = {"skipped": len(st.skipped), "skipped_ids": [s[0] for s in st.skipped], "batch_size": batch_size,
@@ -324,10 +324,6 @@ def extract(model: str, pretrained: str, out: str | os.PathLike, *, images: str 
               + (" ..." if len(st.skipped) > 5 else ""), file=sys.stderr)
     return {"out": str(out), "rows": info.n, "d": info.d, "skipped": len(st.skipped), "model": name,
             "pretrained": record, "modality": modality}
-
-
-def _stored_width(part: Path, st: _State) -> int:
-    return st.raw_bytes // 4 // st.rows
 
 
 def _open_clip_version() -> str:

@@ -6,6 +6,7 @@ import sys
 from ray.tune import Callback
 
 from msae.pareto import pareto_front
+from msae.sweep.space import trial_params
 
 
 class SweepProgress(Callback):
@@ -25,7 +26,7 @@ class SweepProgress(Callback):
               + (f"; front (L0/FVU): {front}" if front else ""), file=sys.stderr, flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._line(trials, f"{trial.config['trial']['key']} finished")
+        self._line(trials, f"{trial_params(trial.config)['key']} finished")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(trials, f"{trial.config['trial']['key']} FAILED")
+        self._line(trials, f"{trial_params(trial.config)['key']} FAILED")

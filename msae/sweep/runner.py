@@ -258,7 +258,9 @@ def _tune(spec, sweep_id, sweep_dir, trials, train, evals, truth, uri, exp_id, p
 
 def trial_dirname(trial) -> str:
     """Trial folders named by the readable trial key (and Tune's id, unique under Optuna)."""
-    return f"{trial.config['trial']['key']}_{trial.trial_id}"
+    from msae.sweep.space import trial_params
+
+    return f"{trial_params(trial.config)['key']}_{trial.trial_id}"
 
 
 def _param_space(spec: SweepSpec, trials: list[dict]) -> dict:

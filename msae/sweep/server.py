@@ -47,14 +47,19 @@ def wait_healthy(url: str, timeout: float = 120.0, proc=None) -> bool:
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
             return False
-        try:
-            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as r:
-                if r.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
+        if health_error(url) is None:
+            return True
         time.sleep(0.5)
     return False
+
+
+def health_error(url: str, timeout: float = 5.0) -> str | None:
+    """One probe of ``url``/health: None when it answers 200, else what went wrong."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as r:
+            return None if r.status == 200 else f"health check answered {r.status}"
+    except (urllib.error.URLError, OSError) as e:
+        return str(getattr(e, "reason", e))
 
 
 PID_FILE, LOG_FILE = "server.pid", "server.log"

@@ -10,8 +10,6 @@ import os
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +28,12 @@ _SKIP = {"curve", "final", "done", "training_iteration", "timestamp", "time_this
 def check_tracking_uri(uri: str) -> None:
     """Fail fast with one line when the tracking store cannot be reached."""
     if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as r:
-                if r.status != 200:
-                    raise MsaeError(f"tracking.uri {uri}: health check answered {r.status}; expected 200")
-        except (urllib.error.URLError, OSError) as e:
-            raise MsaeError(f"tracking.uri {uri}: unreachable ({getattr(e, 'reason', e)}); start the server "
-                            "(msae tracking-server) or fix the URI") from None
+        from msae.sweep.server import health_error
+
+        problem = health_error(uri, timeout=10)
+        if problem is not None:
+            raise MsaeError(f"tracking.uri {uri}: unreachable ({problem}); start the server "
+                            "(msae tracking-server) or fix the URI")
         return
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
