@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
+from msae import atomic
+from msae.arrays import check_embeddings, first_nonfinite_row
 from msae.errors import MsaeError
 
 FORMAT = "msae-feature-cache"
@@ -98,9 +99,12 @@ def created_now() -> str:
 def write_cache(path: str | os.PathLike, embeddings: np.ndarray, ids: Sequence[str], *,
                 model: str, pretrained: str, modality: str, source: str, split: str = "train",
                 texts: Sequence[str] | None = None, dtype: str = "float32", created: str | None = None,
-                extra: dict[str, Any] | None = None) -> CacheInfo:
-    """Write a cache atomically (temporary file in the same folder, then rename)."""
-    import msae
+                extra: dict[str, Any] | None = None, verify: bool = False) -> CacheInfo:
+    """Write a cache atomically (temporary file in the same folder, then rename). Any size: the
+    IPC writer's 64-bit option lets one record batch hold more than 2^31 - 1 values (the CC3M
+    ViT-L/14 cache has 2.2 billion). ``verify``: re-open the written file and check its content
+    hash before it is renamed into place."""
+    from msae.version import __version__
 
     path = Path(path)
     if embeddings.ndim != 2 or embeddings.shape[0] < 1 or embeddings.shape[1] < 1:
@@ -112,46 +116,47 @@ def write_cache(path: str | os.PathLike, embeddings: np.ndarray, ids: Sequence[s
     n, d = embeddings.shape
     if len(ids) != n or (texts is not None and len(texts) != n):
         raise MsaeError(f"{path}: {n} embeddings but {len(ids)} ids" + ("" if texts is None else f" and {len(texts)} texts"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    staging = None
-    try:
-        stored = embeddings
-        if dtype == "float16" or embeddings.dtype != np.float32:
-            staging = tmp.with_suffix(".stage")
-            stored = np.memmap(staging, dtype=np.dtype(dtype), mode="w+", shape=(n, d))
-            for s in range(0, n, _HASH_ROWS):
-                stored[s:s + _HASH_ROWS] = embeddings[s:s + _HASH_ROWS]
-        info = CacheInfo(model=model, pretrained=pretrained, modality=modality, source=source, split=split,
-                         n=n, d=d, dtype=dtype, created=created or created_now(), msae_version=msae.__version__,
-                         content_hash=content_hash(stored, ids, texts), extra=dict(extra or {}))
-        values = pa.array(np.asarray(stored).reshape(-1))
-        columns = [pa.FixedSizeListArray.from_arrays(values, d), pa.array(list(ids), type=pa.string())]
-        names = [EMBEDDING, ID]
-        if texts is not None:
-            columns.append(pa.array(list(texts), type=pa.string()))
-            names.append(TEXT)
-        meta = {k: str(v) for k, v in info.to_dict().items() if k != "extra"}
-        meta.update(format=FORMAT, format_version=FORMAT_VERSION, extra=json.dumps(info.extra, sort_keys=True))
-        batch = pa.RecordBatch.from_arrays(columns, names=names)
-        schema = batch.schema.with_metadata(meta)
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            writer.write_batch(batch.replace_schema_metadata(meta))
-        os.replace(tmp, path)
-        return info
-    finally:
-        if staging is not None:
-            staging.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
+    check_embeddings(embeddings, f"{path}", dtype)
+    with atomic.new_file(path) as tmp:
+        staging = None
+        try:
+            stored = embeddings
+            if dtype == "float16" or embeddings.dtype != np.float32:
+                staging = tmp.with_suffix(".stage")
+                stored = np.memmap(staging, dtype=np.dtype(dtype), mode="w+", shape=(n, d))
+                for s in range(0, n, _HASH_ROWS):
+                    stored[s:s + _HASH_ROWS] = embeddings[s:s + _HASH_ROWS]
+            info = CacheInfo(model=model, pretrained=pretrained, modality=modality, source=source, split=split,
+                             n=n, d=d, dtype=dtype, created=created or created_now(), msae_version=__version__,
+                             content_hash=content_hash(stored, ids, texts), extra=dict(extra or {}))
+            values = pa.array(np.asarray(stored).reshape(-1))
+            columns = [pa.FixedSizeListArray.from_arrays(values, d), pa.array(list(ids), type=pa.string())]
+            names = [EMBEDDING, ID]
+            if texts is not None:
+                columns.append(pa.array(list(texts), type=pa.string()))
+                names.append(TEXT)
+            meta = {k: str(v) for k, v in info.to_dict().items() if k != "extra"}
+            meta.update(format=FORMAT, format_version=FORMAT_VERSION, extra=json.dumps(info.extra, sort_keys=True))
+            batch = pa.RecordBatch.from_arrays(columns, names=names)
+            schema = batch.schema.with_metadata(meta)
+            options = pa.ipc.IpcWriteOptions(allow_64bit=True)
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema, options=options) as writer:
+                writer.write_batch(batch.replace_schema_metadata(meta))
+            del values, columns, batch
+        finally:
+            if staging is not None:
+                staging.unlink(missing_ok=True)
+        if verify:
+            written = open_cache(tmp, check_finite=False, verify=True)
+            if (written.info.n, written.info.d) != (n, d):
+                raise MsaeError(f"{path}: the written file holds {written.info.n}x{written.info.d}, expected {n}x{d}")
+            del written
+    return info
 
 
 def open_cache(path: str | os.PathLike, expect_dim: int | None = None, check_finite: bool = True,
                verify: bool = False) -> FeatureCache:
     """Open and validate a cache; ``verify`` also recomputes the content hash (reads everything)."""
-    from msae.data import first_nonfinite_row
-
     p = Path(path)
     if not p.is_file():
         raise MsaeError(f"{p}: no such file")
@@ -161,7 +166,7 @@ def open_cache(path: str | os.PathLike, expect_dim: int | None = None, check_fin
             raise MsaeError(f"{p}: expected exactly one record batch, found {reader.num_record_batches}")
         batch = reader.get_batch(0)
     except (pa.ArrowException, OSError) as e:
-        raise MsaeError(f"{p}: truncated or corrupt Arrow file ({str(e).splitlines()[0]})") from None
+        raise MsaeError(f"{p}: truncated or corrupt Arrow file ({str(e).splitlines()[0]})") from e
     info = _read_info(p, batch.schema)
     col = batch.column(EMBEDDING)
     if col.null_count or col.values.null_count:
@@ -172,7 +177,7 @@ def open_cache(path: str | os.PathLike, expect_dim: int | None = None, check_fin
     try:
         flat = values.to_numpy(zero_copy_only=True)
     except pa.ArrowException as e:
-        raise MsaeError(f"{p}: embedding values cannot be mapped ({e})") from None
+        raise MsaeError(f"{p}: embedding values cannot be mapped ({e})") from e
     emb = flat.reshape(info.n, info.d)
     if verify:
         ids = batch.column(ID).to_pylist()
@@ -192,6 +197,16 @@ def open_cache(path: str | os.PathLike, expect_dim: int | None = None, check_fin
             raise MsaeError(f"{p}: row {bad} contains NaN or Inf; expected finite embeddings")
     table = pa.Table.from_batches([batch.drop_columns([EMBEDDING])])
     return FeatureCache(p, info, emb, table)
+
+
+def cache_info(path: str | os.PathLike) -> CacheInfo:
+    """The metadata of a cache, read from its schema only (no data is touched)."""
+    p = Path(path)
+    try:
+        schema = pa.ipc.open_file(pa.memory_map(str(p), "r")).schema
+    except (pa.ArrowException, OSError) as e:
+        raise MsaeError(f"{p}: truncated or corrupt Arrow file ({str(e).splitlines()[0]})") from e
+    return _read_info(p, schema)
 
 
 def _read_info(p: Path, schema: pa.Schema) -> CacheInfo:
@@ -219,7 +234,7 @@ def _read_info(p: Path, schema: pa.Schema) -> CacheInfo:
         n, d = int(meta["n"]), int(meta["d"])
         extra = json.loads(meta.get("extra", "{}"))
     except ValueError as e:
-        raise MsaeError(f"{p}: malformed schema metadata ({e})") from None
+        raise MsaeError(f"{p}: malformed schema metadata ({e})") from e
     return CacheInfo(model=meta["model"], pretrained=meta["pretrained"], modality=meta["modality"],
                      source=meta["source"], split=meta["split"], n=n, d=d, dtype=stored, created=meta["created"],
                      msae_version=meta["msae_version"], content_hash=meta["content_hash"], extra=extra)

@@ -1,22 +1,28 @@
-"""Checkpoints: a directory with ``model.safetensors`` and ``config.json``, written atomically
-(temporary directory, then rename). Loading reproduces outputs bit for bit."""
+"""Checkpoints: a directory with ``model.safetensors`` and ``config.json``.
+
+A new checkpoint is built under a temporary name and renamed into place. Writing into a folder
+that already holds files needs ``overwrite`` and then replaces only msae's own files there
+(``config.json`` is removed first and written last, so an interrupted overwrite leaves a folder
+that refuses to load, never a model paired with another model's config). Loading checks the
+config's types and sizes and the tensors' shapes before allocating the model, and refuses
+non-finite weights. Outputs of a loaded model equal the saved model's bit for bit.
+"""
 from __future__ import annotations
 
 import json
 import os
 import platform
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from msae.config import SAEConfig
+from msae import atomic
 from msae.errors import MsaeError
-from msae.sae import SAE, create_sae
+from msae.sae import SAE, config_from_dict, create_sae
 
 FORMAT = "msae-checkpoint"
 FORMAT_VERSION = 1
@@ -25,88 +31,104 @@ CONFIG = "config.json"
 
 
 def library_versions() -> dict[str, str]:
-    import msae
-    return {"msae": msae.__version__, "torch": torch.__version__, "numpy": np.__version__,
+    from msae.version import __version__
+    return {"msae": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
+
+
+def check_output_dir(path: str | os.PathLike, what: str, overwrite: bool) -> Path:
+    """An output folder may be new or empty; one that holds files needs ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MsaeError(f"{what} {path}: exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise MsaeError(f"{what} {path}: exists and is not empty; choose a new folder, or pass --overwrite to "
+                        "replace msae's own files in it (other files are kept)")
+    return path
 
 
 def save(sae: SAE, path: str | os.PathLike, *, train: dict[str, Any] | None = None,
          preprocessing: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
-         extra: dict[str, Any] | None = None) -> Path:
-    """Write ``path/`` atomically; an existing checkpoint there is replaced."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in sae.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS))
-        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "sae": sae.cfg.to_dict(),
-                  "preprocessing": preprocessing or {}, "train": train or {}, "data": data or {},
-                  "versions": library_versions(), **(extra or {})}
-        _write_json(tmp / CONFIG, config)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+         extra: dict[str, Any] | None = None, files: dict[str, Any] | None = None,
+         overwrite: bool = False) -> Path:
+    """Write the checkpoint ``path/``; ``files``: more JSON files to put beside it (e.g. metrics.json)."""
+    path = check_output_dir(path, "checkpoint", overwrite)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sae.state_dict().items()}
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "sae": sae.cfg.to_dict(),
+              "preprocessing": preprocessing or {}, "train": train or {}, "data": data or {},
+              "versions": library_versions(), **(extra or {})}
+    if not path.is_dir() or not any(path.iterdir()):
+        with atomic.new_dir(path) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS))
+            for name, obj in (files or {}).items():
+                atomic.write_json(tmp / name, obj)
+            atomic.write_json(tmp / CONFIG, config)
+        return path
+    (path / CONFIG).unlink(missing_ok=True)
+    with atomic.new_file(path / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
+    for name, obj in (files or {}).items():
+        atomic.write_json(path / name, obj)
+    atomic.write_json(path / CONFIG, config)
     return path
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
-    """Load a checkpoint directory written by :func:`save`."""
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The validated ``config.json`` of checkpoint ``path`` (a one-line error when it is not one)."""
     path = Path(path)
     cfg_file, w_file = path / CONFIG, path / WEIGHTS
     if not cfg_file.is_file() or not w_file.is_file():
         raise MsaeError(f"{path}: not an msae checkpoint (expected {CONFIG} and {WEIGHTS} inside)")
     try:
         config = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MsaeError(f"{cfg_file}: unreadable JSON ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MsaeError(f"{cfg_file}: unreadable JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise MsaeError(f"{cfg_file}: expected a JSON object, got {type(config).__name__}")
     if config.get("format") != FORMAT:
         raise MsaeError(f"{cfg_file}: not an msae checkpoint config (format={config.get('format')!r})")
-    sae = create_sae(SAEConfig.from_dict(config["sae"]))
+    version = config.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+        raise MsaeError(f"{cfg_file}: format_version {version!r}; this msae reads versions up to {FORMAT_VERSION}")
+    if "sae" not in config:
+        raise MsaeError(f"{cfg_file}: lacks the 'sae' settings")
+    return config
+
+
+def _tensor_shapes(w_file: Path) -> dict[str, tuple[int, ...]]:
+    try:
+        with safe_open(str(w_file), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise MsaeError(f"{w_file}: unreadable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
+    """Load a checkpoint directory written by :func:`save`."""
+    path = Path(path)
+    config = read_config(path)
+    cfg = config_from_dict(config["sae"], f"{path / CONFIG}: sae")
+    w_file = path / WEIGHTS
+    shapes = _tensor_shapes(w_file)
+    expected = {"W_enc": (cfg.d, cfg.n), "W_dec": (cfg.n, cfg.d), "b_enc": (cfg.n,), "b_dec": (cfg.d,)}
+    for name, shape in expected.items():
+        if shapes.get(name) != shape:
+            raise MsaeError(f"{w_file}: tensor {name} has shape {list(shapes[name]) if name in shapes else 'none'}; "
+                            f"the config (d={cfg.d}, n={cfg.n}) needs {list(shape)}")
+    sae = create_sae(cfg)
     try:
         state = load_file(str(w_file))
     except Exception as e:  # safetensors raises its own error types
-        raise MsaeError(f"{w_file}: unreadable safetensors file ({e})") from None
+        raise MsaeError(f"{w_file}: unreadable safetensors file ({e})") from e
     missing = set(sae.state_dict()) - set(state)
     if missing:
         raise MsaeError(f"{w_file}: missing tensors {sorted(missing)}")
     try:
         sae.load_state_dict(state)
     except RuntimeError as e:
-        raise MsaeError(f"{w_file}: tensors do not match the config ({str(e).splitlines()[0]})") from None
+        raise MsaeError(f"{w_file}: tensors do not match the config ({str(e).splitlines()[0]})") from e
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise MsaeError(f"{w_file}: tensor {name} holds NaN or Inf; expected finite weights")
     sae.checkpoint_config = config
     return sae.to(device).eval()
-
-
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(path) / CONFIG).read_text())
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomic JSON write (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, obj)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, (np.ndarray, torch.Tensor)):
-        return o.tolist()
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

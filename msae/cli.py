@@ -1,8 +1,11 @@
-"""The ``msae`` command line."""
+"""The ``msae`` command line: it parses arguments and calls the library's builders, nothing more.
+
+Every command exits 0 on success and 2 on bad input (one line: ``msae: error: ...``); ``--debug``
+shows the full cause of an error instead.
+"""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -10,368 +13,446 @@ from pathlib import Path
 from msae.errors import MsaeError
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in every option's help (except where there is none), descriptions kept as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _int_list(s: str) -> list[int]:
     try:
         return [int(v) for v in s.split(",") if v.strip()]
     except ValueError:
-        raise MsaeError(f"expected a comma-separated list of integers, got {s!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {s!r}") from None
 
 
 def _float_list(s: str) -> list[float]:
     try:
         return [float(v) for v in s.split(",") if v.strip()]
     except ValueError:
-        raise MsaeError(f"expected a comma-separated list of numbers, got {s!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of numbers, got {s!r}") from None
 
 
-def _summary(r: dict) -> str:
+def summary_line(r: dict) -> str:
     """One line of the headline metrics of an evaluation entry."""
     return (f"fvu={r['fvu']:.4f} fvu_dataset={r['fvu_dataset']:.4f} cosine={r['cosine']:.4f} "
             f"l0={r['l0']:.1f} zero_fraction={r['zero_fraction']:.4f} dead={r['dead_fraction']:.3f}")
 
 
-def _preprocessing_record(sae, tcfg) -> dict:
-    return {"scaling": tcfg.scaling, "mean_center": tcfg.mean_center, "scale": float(sae.scale)}
+def _check_out_file(path: Path, overwrite: bool) -> Path:
+    if path.is_dir():
+        raise MsaeError(f"--out {path}: is a directory; expected a file path")
+    if path.exists() and not overwrite:
+        raise MsaeError(f"--out {path}: exists; choose another path or pass --overwrite")
+    return path
 
 
-def _check_out_free(path: Path, what: str) -> None:
-    if path.exists() and not path.is_dir():
-        raise MsaeError(f"{what} {path}: exists and is not a directory")
+# ---------------------------------------------------------------- train / evaluate
+
+def _method_values(args: argparse.Namespace, method: str) -> dict:
+    """The hyperparameters given on the command line, checked against ``method``'s schema."""
+    from msae.sae import REGISTRY, method_of
+
+    own = {h.name for h in method_of(method).hypers}
+    values = {}
+    for name in sorted({h.name for m in REGISTRY.values() for h in m.hypers}):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name not in own:
+            flags = ", ".join(h.flag for h in method_of(method).hypers) or "none"
+            raise MsaeError(f"--{name.replace('_', '-')}: not a setting of method {method} (its settings: {flags})")
+        values[name] = value
+    return values
 
 
-def cmd_train(a: argparse.Namespace) -> int:
+def _eval_sets(paths: list[str] | None, d: int) -> dict:
+    from msae.data import load_array
+
+    evals: dict = {}
+    for p in paths or []:
+        name = Path(p).stem
+        if name in evals:
+            raise MsaeError(f"--eval {p}: another evaluation file is also named {name!r}; rename one of them")
+        evals[name] = load_array(p, expect_dim=d)
+    return evals
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from msae import checkpoint
-    from msae.config import DEFAULT_K, DEFAULT_LR, SAEConfig, TrainConfig, doubling_levels
+    from msae.config import TrainConfig
     from msae.data import fingerprint, load_array
     from msae.evaluate import evaluate
-    from msae.sae import create_sae
-    from msae.train import DivergedError, fit
+    from msae.sae import create_sae, method_of, sae_config
+    from msae.train import DivergedError, fit, preprocessing_record
 
-    out = Path(a.out)
-    _check_out_free(out, "--out")
-    train = load_array(a.data)
+    out = checkpoint.check_output_dir(args.out, "--out", args.overwrite)
+    method = method_of(args.method)
+    values = _method_values(args, args.method)
+    train = load_array(args.data, min_rows=2)
     d = train.shape[1]
-    evals = {Path(p).stem: load_array(p, expect_dim=d) for p in (a.eval or [])}
-    n = int(round(a.expansion * d))
-    if n < 1:
-        raise MsaeError(f"--expansion: expected a positive factor, got {a.expansion}")
-    levels = None
-    if a.method == "msae":
-        if a.levels and a.levels_from:
-            raise MsaeError("--levels and --levels-from: give one of them")
-        levels = tuple(_int_list(a.levels)) if a.levels else doubling_levels(a.levels_from or min(64, n), n)
-    alphas = tuple(_float_list(a.alphas)) if a.alphas else None
-    cfg = SAEConfig(method=a.method, d=d, n=n, k=a.k if a.k is not None else DEFAULT_K.get(a.method),
-                    levels=levels, alphas=alphas, weighting=a.weighting if alphas is None else None,
-                    l1=a.l1, auxk=a.auxk)
-    tcfg = TrainConfig(lr=a.lr if a.lr is not None else DEFAULT_LR[a.method], epochs=a.epochs,
-                       batch_size=a.batch_size, seed=a.seed, loss=a.loss, scaling=a.scaling,
-                       mean_center=not a.no_mean_center, device=a.device)
+    n = int(round(args.expansion * d))
+    if not (args.expansion > 0 and n >= 1):
+        raise MsaeError(f"--expansion: expected a positive factor, got {args.expansion}")
+    evals = _eval_sets(args.eval, d)
+    cfg = sae_config(args.method, d, n, auxk=args.auxk, **values)
+    tcfg = TrainConfig(lr=args.lr if args.lr is not None else method.default_lr, epochs=args.epochs, batch_size=args.batch_size,
+                       seed=args.seed, loss=args.loss, scaling=args.scaling, mean_center=not args.no_mean_center, device=args.device)
     sae = create_sae(cfg, tcfg.seed)
     log: list[dict] = []
 
     def on_epoch(rec, trainer):
         log.append(rec.flat())
-        if evals and not a.quiet:
-            summary = "; ".join(f"{name}: {_summary(r)}" for name, r in rec.eval.items())
-            print(f"epoch {rec.epoch}: loss={rec.loss:.4f} {summary}", file=sys.stderr)
+        if evals and not args.quiet:
+            summary = "; ".join(f"{name}: {summary_line(r)}" for name, r in rec.eval.items())
+            tqdm.write(f"epoch {rec.epoch}: loss={rec.loss:.4f} {summary}", file=sys.stderr)
 
     try:
-        fit(sae, train, tcfg, evals, on_epoch=on_epoch, progress=not a.quiet)
+        fit(sae, train, tcfg, evals, on_epoch=on_epoch, progress=not args.quiet)
     except DivergedError as e:
         raise MsaeError(f"training diverged: {e}") from None
     final = {name: evaluate(sae, arr, batch_size=tcfg.batch_size)["own"] for name, arr in evals.items()}
-    data_info = {"train": str(a.data), "rows": int(train.shape[0]), "fingerprint": fingerprint(train)}
-    checkpoint.save(sae, out, train=tcfg.to_dict(), preprocessing=_preprocessing_record(sae, tcfg), data=data_info)
-    checkpoint.write_json(out / "metrics.json", {"history": log, "final": final})
+    data_info = {"train": str(args.data), "rows": int(train.shape[0]), "fingerprint": fingerprint(train)}
+    checkpoint.save(sae, out, train=tcfg.to_dict(), preprocessing=preprocessing_record(sae, tcfg), data=data_info,
+                    files={"metrics.json": {"history": log, "final": final}}, overwrite=args.overwrite)
     print(f"saved {cfg.method} SAE ({d} -> {n}) to {out}", file=sys.stderr)
     for name, r in final.items():
-        print(f"{name}: {_summary(r)}")
+        print(f"{name}: {summary_line(r)}")
     return 0
 
 
-def cmd_evaluate(a: argparse.Namespace) -> int:
-    from msae import checkpoint
+def _ks(spec: str | None, n: int) -> list:
+    from msae.evaluate import progressive_ks
+
+    if spec is None:
+        return [None]
+    if spec == "progressive":
+        return [None] + progressive_ks(n)
+    try:
+        ks = _int_list(spec)
+    except argparse.ArgumentTypeError as e:
+        raise MsaeError(f"--k: {e}") from None
+    for k in ks:
+        if k < 1 or k > n:
+            raise MsaeError(f"--k: {k} is out of range; expected 1..{n} (the number of latents)")
+    return ks
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from msae import atomic, checkpoint
     from msae.data import load_array, pick_device
-    from msae.evaluate import evaluate, progressive_ks
+    from msae.evaluate import evaluate
+    from msae.synthetic import GroundTruth, recovery_score
 
-    out = Path(a.out)
-    if out.is_dir():
-        raise MsaeError(f"--out {out}: is a directory; expected a JSON file path")
-    sae = checkpoint.load(a.checkpoint, device=pick_device(a.device))
-    data = load_array(a.data, expect_dim=sae.d)
-    if a.k is None:
-        ks = [None]
-    elif a.k == "progressive":
-        ks = [None] + progressive_ks(sae.n)
-    else:
-        ks = _int_list(a.k)
-        for k in ks:
-            if k < 1 or k > sae.n:
-                raise MsaeError(f"--k: {k} is out of range; expected 1..{sae.n} (the number of latents)")
-    truth = _load_truth(a.truth)
-    res = evaluate(sae, data, ks, batch_size=a.batch_size, cknna_rows=a.cknna_rows)
+    out = _check_out_file(Path(args.out), args.overwrite)
+    sae = checkpoint.load(args.checkpoint, device=pick_device(args.device))
+    data = load_array(args.data, expect_dim=sae.d)
+    ks = _ks(args.k, sae.n)
+    truth = None if args.truth is None else GroundTruth.load(args.truth)
+    res = evaluate(sae, data, ks, batch_size=args.batch_size, cknna_rows=args.cknna_rows)
     if truth is not None:
-        res["recovery"] = _recovery(sae, truth)
-    checkpoint.write_json(out, res)
+        res["recovery"] = recovery_score(sae.W_dec.detach().cpu().numpy(), truth)
+    atomic.write_json(out, res)
     for key, r in res.items():
-        print(f"recovery: {_recovery_line(r)}" if key == "recovery" else f"k={key}: {_summary(r)}")
+        if key == "recovery":
+            print("recovery: " + " ".join(f"{k}={v:.3f}" for k, v in r.items()))
+        else:
+            print(f"k={key}: {summary_line(r)}")
     return 0
 
 
-def _load_truth(path: str | None):
-    from msae.synthetic import GroundTruth
-    return None if path is None else GroundTruth.load(path)
+# ---------------------------------------------------------------- data
 
-
-def _recovery(sae, truth) -> dict:
-    from msae.synthetic import recovery_score
-    return recovery_score(sae.W_dec.detach().cpu().numpy(), truth)
-
-
-def _recovery_line(r: dict) -> str:
-    return " ".join(f"{k}={v:.3f}" for k, v in r.items())
-
-
-def cmd_extract(a: argparse.Namespace) -> int:
+def cmd_extract(args: argparse.Namespace) -> int:
     from msae.extract import extract
 
-    res = extract(a.model, a.pretrained, a.out, images=a.images, texts=a.texts, text_column=a.text_column,
-                  batch_size=a.batch_size, workers=a.workers, device=a.device, dtype=a.dtype, split=a.split,
-                  overwrite=a.overwrite, progress=not a.quiet)
+    res = extract(args.model, args.pretrained, args.out, images=args.images, texts=args.texts, text_column=args.text_column,
+                  batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype, split=args.split,
+                  overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {res['rows']} x {res['d']} {res['modality']} embeddings ({res['model']}, {res['pretrained']}) "
           f"to {res['out']}; skipped {res['skipped']}")
     return 0
 
 
-def cmd_import_features(a: argparse.Namespace) -> int:
+def cmd_import_features(args: argparse.Namespace) -> int:
     from msae.importers import import_features
 
-    info = import_features(a.file, a.out, column=a.column, model=a.model, pretrained=a.pretrained,
-                           modality=a.modality, split=a.split, dtype=a.dtype, overwrite=a.overwrite)
-    print(f"imported {info.n} x {info.d} embeddings from {a.file} to {a.out}")
+    info = import_features(args.file, args.out, column=args.column, model=args.model, pretrained=args.pretrained,
+                           modality=args.modality, split=args.split, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"imported {info.n} x {info.d} embeddings from {args.file} to {args.out}")
     return 0
 
 
-def cmd_synth(a: argparse.Namespace) -> int:
+def cmd_synth(args: argparse.Namespace) -> int:
     from msae.synthetic import write_synthetic
 
-    files = write_synthetic(a.out, a.n, a.n_val, dtype=a.dtype, overwrite=a.overwrite, d=a.d, roots=a.roots,
-                            branching=tuple(_int_list(a.branching)), active_roots=a.active_roots,
-                            modality_gap=a.modality_gap, seed=a.seed)
+    files = write_synthetic(args.out, args.n, args.n_val, dtype=args.dtype, overwrite=args.overwrite, d=args.d, roots=args.roots,
+                            branching=tuple(args.branching), active_roots=args.active_roots,
+                            modality_gap=args.modality_gap, seed=args.seed)
     for name, path in files.items():
         print(f"{name}: {path}")
     return 0
 
 
-def cmd_inspect(a: argparse.Namespace) -> int:
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from msae import atomic
     from msae.cache import open_cache
 
-    c = open_cache(a.cache, verify=a.verify)
-    print(json.dumps(c.info.to_dict() | ({"verified": True} if a.verify else {}), indent=2))
+    c = open_cache(args.cache, verify=args.verify)
+    print(atomic.dumps(c.info.to_dict() | ({"verified": True} if args.verify else {})))
     return 0
 
 
-def cmd_import_reference(a: argparse.Namespace) -> int:
+def cmd_import_reference(args: argparse.Namespace) -> int:
     from msae import checkpoint
     from msae.reference import import_reference
 
-    out = Path(a.out_dir)
-    _check_out_free(out, "OUT_DIR")
-    sae, info = import_reference(a.file)
+    out = checkpoint.check_output_dir(args.out_dir, "OUT_DIR", args.overwrite)
+    sae, info = import_reference(args.file)
     pp = {"scaling": "reference-import", "mean_center": bool(sae.mean.abs().sum() > 0), "scale": float(sae.scale)}
-    checkpoint.save(sae, out, preprocessing=pp, extra={"imported_from": info})
+    checkpoint.save(sae, out, preprocessing=pp, extra={"imported_from": info}, overwrite=args.overwrite)
     print(f"imported {sae.cfg.method} SAE ({sae.d} -> {sae.n}) to {out}")
     return 0
 
 
-def cmd_sweep(a: argparse.Namespace) -> int:
-    from msae.sweep.runner import Overrides, run_sweep
+# ---------------------------------------------------------------- sweeps
 
-    resume = False if a.resume is None else (a.resume or True)  # --resume alone: the latest unfinished sweep
-    summary = run_sweep(a.spec, resume=resume,
-                        overrides=Overrides(address=a.address, storage=a.storage, tracking_uri=a.tracking_uri,
-                                            cpus=a.cpus, gpu=a.gpu), quiet=a.quiet)
-    return 0 if summary["done"] > 0 else 1
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from msae.sweep.runner import Overrides, dry_run, run_sweep
+
+    overrides = Overrides(address=args.address, storage=args.storage, tracking_uri=args.tracking_uri, cpus=args.cpus, gpu=args.gpu)
+    if args.dry_run:
+        print(dry_run(args.spec, overrides))
+        return 0
+    resume = False if args.resume is None else (args.resume or True)  # --resume alone: the latest unfinished sweep
+    return run_sweep(args.spec, resume=resume, overrides=overrides, quiet=args.quiet).exit_code
 
 
-def cmd_pareto(a: argparse.Namespace) -> int:
-    from msae.sweep.fronts import format_table, log_pareto
-    from msae.sweep.runner import STATE_FILE, find_sweep
-    from msae.sweep.spec import load_spec
+def cmd_sweeps(args: argparse.Namespace) -> int:
+    from msae.sweep.runner import format_sweeps
 
-    spec = load_spec(a.spec)
-    uri = a.tracking_uri or spec.tracking.uri
-    folder = find_sweep(Path(a.storage or spec.storage).resolve(), spec.name, a.sweep_id or "", include_finished=True)
-    sweep_id = json.loads((folder / STATE_FILE).read_text())["sweep_id"]
-    ref = {"l0": spec.pareto.reference_l0, "fvu": spec.pareto.reference_fvu,
-           "one_minus_cosine": spec.pareto.reference_one_minus_cosine}
-    fronts = log_pareto(uri, spec.experiment, sweep_id, ref)
-    print(format_table(fronts))
-    print(f"logged to parent run {fronts['parent_run_id']} of sweep {sweep_id} ({uri})")
+    print(format_sweeps(args.storage))
     return 0
 
 
-def cmd_ui(a: argparse.Namespace) -> int:
-    import subprocess
+def cmd_pareto(args: argparse.Namespace) -> int:
+    from msae.sweep.runner import Overrides, relog
 
-    from msae.sweep.server import check_bind, server_command, server_env
-
-    check_bind(a.host, a.port)
-    print(f"MLflow UI for {a.tracking_uri} at http://{a.host}:{a.port} (Ctrl-C stops it)", file=sys.stderr)
-    return subprocess.call(server_command(a.tracking_uri, a.host, a.port), env=server_env())
+    print(relog(args.spec, args.sweep_id, Overrides(storage=args.storage, tracking_uri=args.tracking_uri)))
+    return 0
 
 
-def cmd_tracking_server(a: argparse.Namespace) -> int:
+def cmd_ui(args: argparse.Namespace) -> int:
+    from msae.sweep.server import serve_ui
+
+    return serve_ui(args.tracking_uri, args.host, args.port)
+
+
+def cmd_tracking_server(args: argparse.Namespace) -> int:
+    from msae import atomic
     from msae.sweep.server import server_status, start_server, stop_server
 
-    if a.action == "start":
-        info = start_server(a.backend_uri, a.artifacts, a.host, a.port, a.state_dir, timeout=a.timeout)
+    if args.action == "start":
+        info = start_server(args.backend_uri, args.artifacts, args.host, args.port, args.state_dir, timeout=args.timeout)
         print(f"tracking server running: {info['url']} (pid {info['pid']}, store {info['backend_uri']}, "
               f"artifacts {info['artifacts']}); use --tracking-uri {info['url']}")
-    elif a.action == "stop":
-        print("stopped" if stop_server(a.state_dir) else f"no tracking server recorded in {a.state_dir}")
+    elif args.action == "stop":
+        print("stopped" if stop_server(args.state_dir) else f"no tracking server recorded in {args.state_dir}")
     else:
-        st = server_status(a.state_dir)
-        print(json.dumps(st))
+        st = server_status(args.state_dir)
+        print(atomic.dumps(st, indent=None))
         return 0 if st.get("healthy") else 1
     return 0
 
 
-def _add_cache_options(p: argparse.ArgumentParser, split: bool = True) -> None:
-    """Options of every command that writes feature caches."""
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage dtype")
-    if split:
-        p.add_argument("--split", default="train", help="split name recorded in the cache (default train)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+# ---------------------------------------------------------------- parser
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    """One option per hyperparameter of the registered methods (msae/sae/<method>.py), shared by
+    methods that use the same name."""
+    from msae.sae import REGISTRY
+
+    g = p.add_argument_group("method settings (each applies to the methods named in its help)")
+    seen: dict[str, tuple] = {}
+    for m in REGISTRY.values():
+        for h in m.hypers:
+            seen.setdefault(h.name, (h, []))[1].append(m)
+    parse = {"float": float, "int": int, "choice": str, "int_list": _int_list, "float_list": _float_list}
+    for name, (h, methods) in seen.items():
+        defaults = []
+        for m in methods:
+            field = m.config.__dataclass_fields__.get(name)
+            if field is not None and field.default not in (None, (), [], field.default_factory):
+                defaults.append(f"{m.name} {field.default}")
+        where = ", ".join(m.name for m in methods)
+        text = f"[{where}] {h.help}" + (f" (default: {'; '.join(defaults)})" if defaults else "")
+        kw = {"choices": list(h.choices)} if h.kind == "choice" else {}
+        g.add_argument(h.flag, dest=name, type=parse[h.kind], default=None, help=text, **kw)
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """The training recipe's options, with TrainConfig's defaults (declared once, msae/config.py)."""
+    from msae.config import LOSSES, SCALINGS, TrainConfig
+    from msae.sae import REGISTRY
+
+    t = TrainConfig()
+    g = p.add_argument_group("training recipe (docs/method.md)")
+    lrs = ", ".join(f"{m.name} {m.default_lr:g}" for m in REGISTRY.values())
+    g.add_argument("--lr", type=float, help=f"learning rate (default: the method's reference default: {lrs})")
+    g.add_argument("--epochs", type=int, default=t.epochs, help="passes over the train data")
+    g.add_argument("--batch-size", type=int, default=t.batch_size, help="samples per step")
+    g.add_argument("--seed", type=int, default=t.seed, help="seed of the initialisation and the data order")
+    g.add_argument("--loss", choices=LOSSES, default=t.loss, help="reconstruction loss")
+    g.add_argument("--scaling", choices=SCALINGS, default=t.scaling,
+                   help="input scale: conventional E||x'||^2 = d, the reference code's quirk, or none")
+    g.add_argument("--no-mean-center", action="store_true", help="do not subtract the train mean")
+    g.add_argument("--device", default=t.device, help="auto (CUDA when present), cpu, cuda or cuda:N")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="msae", description="Sparse autoencoders (ReLU, TopK, BatchTopK, "
-                                "Matryoshka) on CLIP embeddings.")
-    sub = p.add_subparsers(dest="command", required=True)
+    from msae.version import __version__
 
-    t = sub.add_parser("train", help="train one SAE on an embedding file")
+    from msae.sae import METHODS
+    p = argparse.ArgumentParser(prog="msae", formatter_class=_Formatter, description=(
+        f"Sparse autoencoders ({', '.join(METHODS)}) on CLIP embeddings:\n"
+        "extract features, train and evaluate SAEs, run sweeps on Ray Tune tracked in MLflow.\n"
+        "Docs: docs/usage.md, docs/sweeps.md."))
+    p.add_argument("--version", action="version", version=f"msae {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the full cause of an error")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, func, description: str | None = None) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=description or help, formatter_class=_Formatter)
+        c.set_defaults(func=func)
+        return c
+
+    from msae.sae import REGISTRY
+    t = command("train", "train one SAE on an embedding file", cmd_train,
+                "Train one SAE with the paper's recipe; writes a checkpoint folder and its metrics.json.\n\nMethods:\n"
+                + "\n".join(f"  {m.name:<10} {m.summary}" for m in REGISTRY.values()))
     t.add_argument("--data", required=True, help="train embeddings (feature cache, .npy or reference _N_D.npy)")
-    t.add_argument("--eval", action="append", help="evaluation embeddings (repeatable)")
-    t.add_argument("--method", required=True, choices=["relu", "topk", "batchtopk", "msae"])
-    t.add_argument("--expansion", type=float, default=8.0, help="n = expansion * d (default 8)")
-    t.add_argument("--k", type=int, help="TopK/BatchTopK k (defaults 64 / 32)")
-    t.add_argument("--levels", help="MSAE levels, comma-separated, ascending")
-    t.add_argument("--levels-from", type=int, help="MSAE levels doubling from this value up to n, then n (default 64)")
-    t.add_argument("--weighting", choices=["uw", "rw"], default="rw", help="MSAE level weighting (default rw)")
-    t.add_argument("--alphas", help="explicit MSAE level weights, comma-separated")
-    t.add_argument("--l1", type=float, help="ReLU L1 coefficient (default 0.003)")
-    t.add_argument("--auxk", type=int, help="enable the AuxK dead-latent loss with this k_aux")
-    t.add_argument("--lr", type=float, help="learning rate (per-method reference defaults)")
-    t.add_argument("--epochs", type=int, default=30)
-    t.add_argument("--batch-size", type=int, default=4096)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--loss", choices=["nmse", "mse"], default="nmse")
-    t.add_argument("--scaling", choices=["conventional", "reference", "none"], default="conventional")
-    t.add_argument("--no-mean-center", action="store_true")
-    t.add_argument("--device", default="auto")
-    t.add_argument("--quiet", action="store_true")
-    t.add_argument("--out", required=True, help="checkpoint directory")
-    t.set_defaults(func=cmd_train)
+    t.add_argument("--eval", nargs="+", action="extend", metavar="FILE",
+                   help="evaluation embeddings, evaluated after every epoch (several files, or repeat the option)")
+    t.add_argument("--method", required=True, choices=METHODS, help="SAE method")
+    t.add_argument("--expansion", type=float, default=8.0, help="n = expansion * d latents")
+    t.add_argument("--auxk", type=int, help="enable the AuxK dead-latent loss with this k_aux (any method)")
+    _add_method_options(t)
+    _add_train_options(t)
+    t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    t.add_argument("--out", required=True, help="checkpoint folder to write (new or empty)")
+    t.add_argument("--overwrite", action="store_true", help="write into an existing folder, replacing only msae's files")
 
-    e = sub.add_parser("evaluate", help="evaluate a checkpoint; JSON keyed by k")
-    e.add_argument("checkpoint")
-    e.add_argument("--data", required=True)
-    e.add_argument("--k", help="comma-separated k values, or 'progressive' (16, 32, ... n); default: own code")
-    e.add_argument("--batch-size", type=int, default=4096)
-    e.add_argument("--cknna-rows", type=int, default=1024)
-    e.add_argument("--device", default="auto")
+    e = command("evaluate", "evaluate a checkpoint; JSON keyed by k", cmd_evaluate,
+                "Evaluate a checkpoint on an embedding file: FVU, cosine, L0, dead latents, CKNNA, ... (docs/method.md)\n"
+                "for the model's own code and for top-k restrictions of ReLU(pre).")
+    e.add_argument("checkpoint", help="checkpoint folder (msae train, a sweep's results/KEY.sae, msae import-reference)")
+    e.add_argument("--data", required=True, help="embeddings (feature cache, .npy or reference _N_D.npy)")
+    e.add_argument("--k", help="comma-separated k values, or 'progressive' (16, 32, ..., n); default: the own code")
+    e.add_argument("--batch-size", type=int, default=4096, help="rows per evaluation batch")
+    e.add_argument("--cknna-rows", type=int, default=1024, help="rows used for CKNNA (it depends on this number)")
+    e.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     e.add_argument("--truth", help="ground-truth dictionary from `msae synth`: adds the recovery score")
     e.add_argument("--out", required=True, help="output JSON file")
-    e.set_defaults(func=cmd_evaluate)
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
-    x = sub.add_parser("extract", help="embed images or texts with an open_clip model into a feature cache")
+    x = command("extract", "embed images or texts with an open_clip model into a feature cache", cmd_extract)
     x.add_argument("--model", required=True, help="open_clip model name, or a model-config .json file")
     x.add_argument("--pretrained", required=True, help="open_clip pretrained tag, or a local weights file")
     src = x.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of images (recursive), or tar shards (file, {000..009} range, glob)")
     src.add_argument("--texts", help=".txt (one text per line), .csv or .parquet file")
     x.add_argument("--text-column", help="column of a .csv/.parquet texts file (default: text)")
-    x.add_argument("--batch-size", type=int, default=256)
+    x.add_argument("--batch-size", type=int, default=256, help="inputs per forward pass")
     x.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
     x.add_argument("--device", default="auto", help="auto (CUDA with fp16 autocast when present), cpu, cuda:N")
     _add_cache_options(x)
-    x.add_argument("--quiet", action="store_true")
+    x.add_argument("--quiet", action="store_true", help="no progress bar")
     x.add_argument("--out", required=True, help="cache file to write (.arrow)")
-    x.set_defaults(func=cmd_extract)
 
-    im = sub.add_parser("import-features", help="convert .npy, reference _N_D.npy, Parquet or Arrow embeddings to a cache")
-    im.add_argument("file")
+    im = command("import-features", "convert .npy, reference _N_D.npy, Parquet or Arrow embeddings to a cache",
+                 cmd_import_features)
+    im.add_argument("file", help="the embeddings to import")
     im.add_argument("--out", required=True, help="cache file to write (.arrow)")
     im.add_argument("--column", help="the list column holding embeddings (tables with several)")
     im.add_argument("--model", default="unknown", help="model name to record")
     im.add_argument("--pretrained", default="unknown", help="pretrained tag or weights hash to record")
-    im.add_argument("--modality", choices=["image", "text"], default="image")
+    im.add_argument("--modality", choices=["image", "text"], default="image", help="modality to record")
     _add_cache_options(im)
-    im.set_defaults(func=cmd_import_features)
 
-    sy = sub.add_parser("synth", help="CLIP-like synthetic caches with a known hierarchical dictionary")
+    sy = command("synth", "CLIP-like synthetic caches with a known hierarchical dictionary", cmd_synth)
     sy.add_argument("--out", required=True, help="folder to create")
     sy.add_argument("--n", type=int, default=20000, help="train rows per modality")
     sy.add_argument("--n-val", type=int, default=4000, help="validation rows per modality")
-    sy.add_argument("--d", type=int, default=64)
+    sy.add_argument("--d", type=int, default=64, help="embedding dimension")
     sy.add_argument("--roots", type=int, default=32, help="root features")
-    sy.add_argument("--branching", default="3,2", help="children per feature at each deeper level")
+    sy.add_argument("--branching", type=_int_list, default=[3, 2], help="children per feature at each deeper level")
     sy.add_argument("--active-roots", type=float, default=3.0, help="mean active root features per sample")
-    sy.add_argument("--modality-gap", type=float, default=4.0)
-    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--modality-gap", type=float, default=4.0, help="distance between the two modalities' offsets")
+    sy.add_argument("--seed", type=int, default=0, help="seed of the dictionary and the samples")
     _add_cache_options(sy, split=False)
-    sy.set_defaults(func=cmd_synth)
 
-    ins = sub.add_parser("inspect", help="print a feature cache's metadata")
-    ins.add_argument("cache")
-    ins.add_argument("--verify", action="store_true", help="recompute the content hash")
-    ins.set_defaults(func=cmd_inspect)
+    ins = command("inspect", "print a feature cache's metadata", cmd_inspect)
+    ins.add_argument("cache", help="cache file (.arrow)")
+    ins.add_argument("--verify", action="store_true", help="recompute the content hash (reads the whole file)")
 
-    r = sub.add_parser("import-reference", help="import a reference-code .pth checkpoint")
-    r.add_argument("file")
-    r.add_argument("out_dir")
-    r.set_defaults(func=cmd_import_reference)
+    r = command("import-reference", "import a reference-code .pth checkpoint", cmd_import_reference)
+    r.add_argument("file", help="reference checkpoint ({n}_{d}_{activation}..._{train}.pth)")
+    r.add_argument("out_dir", help="checkpoint folder to write (new or empty)")
+    r.add_argument("--overwrite", action="store_true", help="write into an existing folder, replacing only msae's files")
 
-    sw = sub.add_parser("sweep", help="run a sweep spec with Ray Tune, tracked in MLflow (docs/sweeps.md)")
+    sw = command("sweep", "run a sweep spec with Ray Tune, tracked in MLflow (docs/sweeps.md)", cmd_sweep)
     sw.add_argument("spec", help="sweep spec YAML (e.g. sweeps/demo.yaml)")
     sw.add_argument("--resume", nargs="?", const="", default=None, metavar="SWEEP_ID",
                     help="continue the latest unfinished sweep of this spec (or the one named)")
+    sw.add_argument("--dry-run", action="store_true", help="validate the spec and print its trials; run nothing")
     sw.add_argument("--address", help="join a running Ray cluster (auto, or HOST:PORT; default: RAY_ADDRESS, "
                     "else a private local Ray on 127.0.0.1)")
-    sw.add_argument("--storage", help="folder (shared by all nodes on a cluster) for checkpoints and state")
+    sw.add_argument("--storage", help="folder (shared by all nodes on a cluster) for sweep state and results")
     sw.add_argument("--tracking-uri", help="MLflow tracking URI (overrides the spec)")
     sw.add_argument("--cpus", type=float, help="CPUs per trial (overrides the spec)")
     sw.add_argument("--gpu", type=float, help="GPU (fraction) per trial (overrides the spec)")
-    sw.add_argument("--quiet", action="store_true")
-    sw.set_defaults(func=cmd_sweep)
+    sw.add_argument("--quiet", action="store_true", help="only the final table")
 
-    pa_ = sub.add_parser("pareto", help="recompute a sweep's Pareto fronts and log them to its parent run")
-    pa_.add_argument("spec")
-    pa_.add_argument("--sweep-id", help="default: the latest sweep of this spec")
-    pa_.add_argument("--storage")
-    pa_.add_argument("--tracking-uri")
-    pa_.set_defaults(func=cmd_pareto)
+    ls = command("sweeps", "list the sweeps in a storage folder and their state", cmd_sweeps)
+    ls.add_argument("--storage", default="msae-sweeps", help="the sweeps' storage folder (a spec's `storage`)")
 
-    ui = sub.add_parser("ui", help="open the MLflow UI on a tracking store (bound to 127.0.0.1)")
-    ui.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
-    ui.set_defaults(func=cmd_ui)
+    pa = command("pareto", "recompute a sweep's Pareto fronts and log them (and anything not yet logged) to MLflow",
+                 cmd_pareto)
+    pa.add_argument("spec", help="the sweep's spec YAML")
+    pa.add_argument("--sweep-id", help="default: the latest sweep of this spec")
+    pa.add_argument("--storage", help="the sweep's storage folder (default: the spec's)")
+    pa.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's)")
 
-    ts = sub.add_parser("tracking-server", help="start, stop or check a shared MLflow tracking server (docs/cluster.md)")
-    ts.add_argument("action", choices=["start", "stop", "status"])
+    ui = command("ui", "open the MLflow dashboard on a tracking store (bound to 127.0.0.1)", cmd_ui)
+    ui.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="the tracking store to show")
+    ui.add_argument("--host", default="127.0.0.1", help="bind address")
+    ui.add_argument("--port", type=int, default=5000, help="port")
+
+    ts = command("tracking-server", "start, stop or check a shared MLflow tracking server (docs/cluster.md)",
+                 cmd_tracking_server)
+    ts.add_argument("action", choices=["start", "stop", "status"], help="what to do")
     ts.add_argument("--backend-uri", default="sqlite:///mlflow/mlflow.db",
-                    help="sqlite:///FILE or postgresql://USER:PASS@HOST/DB (default sqlite:///mlflow/mlflow.db)")
+                    help="sqlite:///FILE or postgresql://USER:PASS@HOST/DB")
     ts.add_argument("--artifacts", default="mlflow/artifacts",
-                    help="artifact store the server proxies (folder, s3://...; default mlflow/artifacts)")
-    ts.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; reach it by SSH tunnel)")
-    ts.add_argument("--port", type=int, default=5000)
-    ts.add_argument("--state-dir", default="mlflow/run", help="PID and log files (default mlflow/run)")
+                    help="artifact store the server proxies (folder, s3://...)")
+    ts.add_argument("--host", default="127.0.0.1", help="bind address (reach it by SSH tunnel)")
+    ts.add_argument("--port", type=int, default=5000, help="port")
+    ts.add_argument("--state-dir", default="mlflow/run", help="PID and log files")
     ts.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the health check")
-    ts.set_defaults(func=cmd_tracking_server)
     return p
+
+
+def _add_cache_options(p: argparse.ArgumentParser, split: bool = True) -> None:
+    """Options of every command that writes feature caches."""
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage dtype")
+    if split:
+        p.add_argument("--split", default="train", help="split name recorded in the cache")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except MsaeError as e:
+        if args.debug:
+            raise
         print(f"msae: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -16,33 +16,43 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from msae.arrays import check_embeddings, to_float32
+from msae.cache import cache_info, is_cache, open_cache
 from msae.errors import MsaeError
 
 _REFERENCE_NAME = re.compile(r"_(\d+)_(\d+)\.npy$")
 
 
-def load_array(path: str | os.PathLike, expect_dim: int | None = None, check_finite: bool = True) -> np.ndarray:
-    """Open an embedding file as an (N, d) float32 array (memory-mapped where possible)."""
+def load_array(path: str | os.PathLike, expect_dim: int | None = None, check_finite: bool = True,
+               min_rows: int = 1) -> np.ndarray:
+    """Open an embedding file as an (N, d) float32 array (memory-mapped where possible).
+    ``min_rows``: fewer rows are refused (training needs at least 2 to compute statistics)."""
     p = Path(path)
     if not p.is_file():
         raise MsaeError(f"{p}: no such file")
-    from msae.cache import is_cache, open_cache
     if is_cache(p):
-        return open_cache(p, expect_dim=expect_dim, check_finite=check_finite).embeddings
-    arr = _open(p)
-    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise MsaeError(f"{p}: expected a 2-D array of embeddings (N, d), got shape {list(arr.shape)}")
-    if expect_dim is not None and arr.shape[1] != expect_dim:
-        raise MsaeError(f"{p}: expected embeddings of dimension {expect_dim}, got {arr.shape[1]}")
-    if arr.dtype != np.float32:
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise MsaeError(f"{p}: expected floating-point embeddings, got dtype {arr.dtype}")
-        arr = arr.astype(np.float32)
-    if check_finite:
-        bad = first_nonfinite_row(arr)
-        if bad is not None:
-            raise MsaeError(f"{p}: row {bad} contains NaN or Inf; expected finite embeddings")
+        arr = open_cache(p, expect_dim=expect_dim, check_finite=check_finite).embeddings
+    else:
+        arr = _open(p)
+        if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+            raise MsaeError(f"{p}: expected a 2-D array of embeddings (N, d), got shape {list(arr.shape)}")
+        if expect_dim is not None and arr.shape[1] != expect_dim:
+            raise MsaeError(f"{p}: expected embeddings of dimension {expect_dim}, got {arr.shape[1]}")
+        if arr.dtype == np.float32 and check_finite:
+            check_embeddings(arr, str(p))
+        arr = to_float32(arr, str(p))
+    if arr.shape[0] < min_rows:
+        raise MsaeError(f"{p}: {arr.shape[0]} row(s); expected at least {min_rows}")
     return arr
+
+
+def mappable(path: str | os.PathLike) -> bool:
+    """Whether :func:`load_array` returns a view of the file's own pages (float32 stored as such),
+    so that processes on one machine share it through the page cache without a copy."""
+    p = Path(path)
+    if is_cache(p):
+        return cache_info(p).dtype == "float32"
+    return _open(p).dtype == np.float32
 
 
 def _open(p: Path) -> np.ndarray:
@@ -50,10 +60,10 @@ def _open(p: Path) -> np.ndarray:
         return np.load(p, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
         if "magic" not in str(e).lower() and "pickle" not in str(e).lower():
-            raise MsaeError(f"{p}: unreadable .npy file ({e})") from None
+            raise MsaeError(f"{p}: unreadable .npy file ({e})") from e
     except (OSError, EOFError) as e:
         if not _REFERENCE_NAME.search(p.name):
-            raise MsaeError(f"{p}: unreadable file ({e})") from None
+            raise MsaeError(f"{p}: unreadable file ({e})") from e
     m = _REFERENCE_NAME.search(p.name)
     if not m:
         raise MsaeError(f"{p}: not a .npy file, and the name does not end in _N_D.npy "
@@ -64,14 +74,6 @@ def _open(p: Path) -> np.ndarray:
         raise MsaeError(f"{p}: headerless float32 file should hold {n}x{d} values ({n * d * 4} bytes), "
                         f"found {size} bytes")
     return np.memmap(p, dtype=np.float32, mode="r", shape=(n, d))
-
-
-def first_nonfinite_row(arr: np.ndarray, chunk: int = 65536) -> int | None:
-    for s in range(0, arr.shape[0], chunk):
-        ok = np.isfinite(arr[s:s + chunk]).all(axis=1)
-        if not ok.all():
-            return s + int(np.argmin(ok))
-    return None
 
 
 def fingerprint(arr: np.ndarray, rows: int = 1024) -> str:
@@ -97,6 +99,15 @@ def pick_device(name: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise MsaeError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
     return device
+
+
+def to_tensor(x, device: torch.device | str) -> torch.Tensor:
+    """A tensor of a tensor, numpy array or nested list (read-only arrays without a warning or a copy on CPU)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, np.ndarray):
+        return as_tensor(x, torch.device("cpu")).to(device)
+    return torch.as_tensor(x, device=device)
 
 
 def as_tensor(arr: np.ndarray, device: torch.device) -> torch.Tensor:

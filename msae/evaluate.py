@@ -6,6 +6,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from msae.config import doubling_levels
 from msae.data import as_tensor, batches
 from msae.metrics import ReconStats, cknna, decoder_orthogonality
 from msae.sae import SAE
@@ -13,12 +14,8 @@ from msae.sae.base import topk_relu_dense
 
 
 def progressive_ks(n: int, start: int = 16) -> list[int]:
-    """k = 16, 32, 64, ... up to n (n itself included)."""
-    ks, k = [], start
-    while k < n:
-        ks.append(k)
-        k *= 2
-    return ks + [n]
+    """k = 16, 32, 64, ... up to n (n itself included): the doubling rule of MSAE levels."""
+    return list(doubling_levels(min(start, n), n))
 
 
 def key_of(k: int | None) -> str:

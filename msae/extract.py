@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from msae import atomic
 from msae.cache import created_now, write_cache
 from msae.errors import MsaeError
 
@@ -79,7 +80,7 @@ def list_images(spec: str) -> list[ImageItem]:
             with tarfile.open(shard, "r:*") as tf:
                 names = [m.name for m in tf.getmembers() if m.isfile()]
         except (tarfile.TarError, OSError) as e:
-            raise MsaeError(f"{shard}: unreadable tar shard ({e})") from None
+            raise MsaeError(f"{shard}: unreadable tar shard ({e})") from e
         items += [ImageItem(f"{Path(shard).name}/{n}", shard, n) for n in names
                   if Path(n).suffix.lower() in IMAGE_SUFFIXES]
     if not items:
@@ -105,11 +106,11 @@ def read_texts(path: str, column: str | None) -> list[str]:
         else:
             raise MsaeError(f"--texts {p}: expected a {', '.join(TEXT_SUFFIXES)} file")
     except UnicodeDecodeError as e:
-        raise MsaeError(f"--texts {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise MsaeError(f"--texts {p}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     except MsaeError:
         raise
     except Exception as e:  # pyarrow reader errors
-        raise MsaeError(f"--texts {p}: unreadable ({str(e).splitlines()[0]})") from None
+        raise MsaeError(f"--texts {p}: unreadable ({str(e).splitlines()[0]})") from e
     names = table.column_names
     if column is None:
         column = "text" if "text" in names else (names[0] if len(names) == 1 else None)
@@ -174,7 +175,7 @@ def load_model(model: str, pretrained: str, device: torch.device) -> tuple[Any, 
         try:
             spec = json.loads(cfg.read_text())
         except json.JSONDecodeError as e:
-            raise MsaeError(f"--model {model}: not valid JSON ({e})") from None
+            raise MsaeError(f"--model {model}: not valid JSON ({e})") from e
         if not isinstance(spec, dict) or "vision_cfg" not in spec or "text_cfg" not in spec:
             raise MsaeError(f"--model {model}: expected an open_clip model config with embed_dim, vision_cfg, text_cfg")
         open_clip.add_model_config(cfg)
@@ -192,8 +193,9 @@ def load_model(model: str, pretrained: str, device: torch.device) -> tuple[Any, 
     try:
         net, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device,
                                                                   weights_only=True, require_pretrained=True)
-    except RuntimeError as e:
-        raise MsaeError(f"--pretrained {pretrained}: cannot load weights for {name} ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # torch, safetensors, zipfile and pickle each raise their own type for a bad file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise MsaeError(f"--pretrained {pretrained}: cannot load weights for {name} ({type(e).__name__}: {first})") from e
     net.eval()
     return net, transform, open_clip.get_tokenizer(name), name, record
 
@@ -211,9 +213,7 @@ class _State:
     skipped: list = None  # [[id, reason], ...]
 
     def save(self, folder: Path) -> None:
-        tmp = folder / f".{STATE}.tmp"
-        tmp.write_text(json.dumps(self.__dict__))
-        os.replace(tmp, folder / STATE)
+        atomic.write_json(folder / STATE, self.__dict__)
 
 
 def _open_partial(part: Path, key: str) -> _State:
@@ -222,7 +222,7 @@ def _open_partial(part: Path, key: str) -> _State:
         try:
             st = _State(**json.loads(state_file.read_text()))
         except (json.JSONDecodeError, TypeError) as e:
-            raise MsaeError(f"{state_file}: unreadable resume state ({e}); delete {part} to start over") from None
+            raise MsaeError(f"{state_file}: unreadable resume state ({e}); delete {part} to start over") from e
         if st.key != key:
             raise MsaeError(f"{part}: an unfinished extraction with different arguments is here; rerun it with "
                             "the same arguments to resume, or delete this folder")
@@ -267,7 +267,8 @@ def extract(model: str, pretrained: str, out: str | os.PathLike, *, images: str 
         modality, source = "text", str(texts)
     net, transform, tokenizer, name, record = load_model(model, pretrained, dev)
     amp = dev.type == "cuda"
-    h = hashlib.sha256(json.dumps([name, record, modality, batch_size, dev.type, dtype, split]).encode())
+    # what the extracted values depend on (not --dtype or --split: they only matter when the cache is written)
+    h = hashlib.sha256(json.dumps([name, record, modality, batch_size, dev.type]).encode())
     for v in ids if images is not None else items:
         h.update(v.encode("utf-8") + b"\x00")
     key = h.hexdigest()
@@ -313,9 +314,13 @@ def extract(model: str, pretrained: str, out: str | os.PathLike, *, images: str 
     extra = {"skipped": len(st.skipped), "skipped_ids": [s[0] for s in st.skipped], "batch_size": batch_size,
              "device": dev.type, "precision": "fp16-autocast" if amp else "fp32",
              "open_clip_version": _open_clip_version(), "normalized": False}
-    info = write_cache(out, emb, [r["id"] for r in recs], model=name, pretrained=record, modality=modality,
-                       source=source, split=split, texts=[r["text"] for r in recs] if modality == "text" else None,
-                       dtype=dtype, created=st.created, extra=extra)
+    try:  # the partial state stays until the written cache verifies: a failed write loses no work
+        info = write_cache(out, emb, [r["id"] for r in recs], model=name, pretrained=record, modality=modality,
+                           source=source, split=split, texts=[r["text"] for r in recs] if modality == "text" else None,
+                           dtype=dtype, created=st.created, extra=extra, verify=True)
+    except (MsaeError, OSError) as e:
+        raise MsaeError(f"{e}; the {st.rows} extracted embeddings are kept in {part}: run the command again "
+                        "(--dtype and --split may change) to write the cache without extracting again") from e
     del emb
     shutil.rmtree(part)
     if st.skipped:

@@ -16,7 +16,7 @@ import torch
 
 from msae.config import SAEConfig, doubling_levels
 from msae.errors import MsaeError
-from msae.sae import SAE, create_sae
+from msae.sae import SAE, create_sae, sae_config
 
 _NAME = re.compile(
     r"^(?P<n>\d+)_(?P<d>\d+)_(?P<act>[A-Za-z]+)(?:_(?P<k>\d+))?(?:_(?P<w>RW|UW))?"
@@ -47,13 +47,13 @@ class ReferenceName:
         if self.weighting is not None:  # a Matryoshka model: levels double from k up to n
             if method != "topk" or self.k is None:
                 raise MsaeError("file name: RW/UW weighting needs a TopK activation with a first level k")
-            return SAEConfig("msae", self.d, self.n, levels=doubling_levels(self.k, self.n),
-                             weighting=self.weighting.lower())
+            return sae_config("msae", self.d, self.n, levels=doubling_levels(self.k, self.n),
+                              weighting=self.weighting.lower())
         if method == "relu":
-            return SAEConfig("relu", self.d, self.n)
+            return sae_config("relu", self.d, self.n)
         if self.k is None:
             raise MsaeError(f"file name: activation {self.activation} needs k")
-        return SAEConfig(method, self.d, self.n, k=self.k)
+        return sae_config(method, self.d, self.n, k=self.k)
 
 
 def parse_name(name: str) -> ReferenceName:
@@ -81,12 +81,32 @@ def read_reference(path: str | Path) -> dict:
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # torch.load raises many types for a bad, truncated or malicious file
         raise MsaeError(f"{path}: not a loadable reference checkpoint "
-                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if not isinstance(obj, dict) or "model" not in obj:
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
         raise MsaeError(f"{path}: expected a dict with a 'model' state dict (reference format)")
     return obj
+
+
+def _scale(path: Path, value) -> float:
+    """The reference's scaling_factor: a positive finite number (a float or a 0-d tensor/array)."""
+    import math
+    try:
+        v = float(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError) as e:
+        raise MsaeError(f"{path}: scaling_factor should be a positive number, got {type(value).__name__}") from e
+    if isinstance(value, (str, bytes)) or not math.isfinite(v) or v <= 0:
+        raise MsaeError(f"{path}: scaling_factor should be a positive finite number, got {value!r}")
+    return v
+
+
+def _target_norm(value) -> float | None:
+    """Recorded for provenance only: a number, or None when absent or unreadable."""
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def import_reference(path: str | Path) -> tuple[SAE, dict]:
@@ -106,15 +126,22 @@ def import_reference(path: str | Path) -> tuple[SAE, dict]:
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
             got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise MsaeError(f"{path}: model.{key} should be a tensor of shape {list(shape)}, got {got}")
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise MsaeError(f"{path}: model.{key} should hold finite floating-point values")
+    mean = obj.get("mean_center")
+    if mean is not None:
+        if not isinstance(mean, torch.Tensor) or mean.numel() != cfg.d or not bool(torch.isfinite(mean.float()).all()):
+            got = list(mean.shape) if isinstance(mean, torch.Tensor) else type(mean).__name__
+            raise MsaeError(f"{path}: mean_center should be a finite tensor of {cfg.d} values, got {got}")
+    scale = _scale(path, obj.get("scaling_factor", 1.0))
     sae = create_sae(cfg)
     with torch.no_grad():
         sae.b_dec.copy_(sd["pre_bias"])
         sae.W_enc.copy_(sd["encoder"])
         sae.b_enc.copy_(sd["latent_bias"])
         sae.W_dec.copy_(sd["decoder"])
-        mean = obj.get("mean_center")
-        mean = torch.zeros(cfg.d) if mean is None else torch.as_tensor(mean, dtype=torch.float32).reshape(cfg.d)
-        sae.set_preprocessing(mean, float(obj.get("scaling_factor", 1.0)))
+        mean = torch.zeros(cfg.d) if mean is None else mean.to(torch.float32).reshape(cfg.d)
+        sae.set_preprocessing(mean, scale)
     info = {"source": str(path.name), "reference_name": ref.__dict__,
-            "target_norm": float(obj["target_norm"]) if obj.get("target_norm") is not None else None}
+            "target_norm": _target_norm(obj.get("target_norm"))}
     return sae, info

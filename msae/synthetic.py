@@ -34,11 +34,10 @@ class GroundTruth:
 
     def save(self, path: str | os.PathLike) -> None:
         from safetensors.numpy import save_file
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"dictionary": self.dictionary, "level": self.level, "parent": self.parent}, str(tmp),
-                  metadata={"format": "msae-synthetic-truth", "format_version": "1"})
-        os.replace(tmp, path)
+        from msae.atomic import new_file
+        with new_file(path) as tmp:
+            save_file({"dictionary": self.dictionary, "level": self.level, "parent": self.parent}, str(tmp),
+                      metadata={"format": "msae-synthetic-truth", "format_version": "1"})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "GroundTruth":
@@ -48,8 +47,8 @@ class GroundTruth:
             return cls(t["dictionary"].astype(np.float32), t["level"].astype(np.int64), t["parent"].astype(np.int64))
         except FileNotFoundError:
             raise MsaeError(f"{path}: no such ground-truth file") from None
-        except (KeyError, OSError, ValueError, Exception) as e:  # safetensors raises its own error type
-            raise MsaeError(f"{path}: not a ground-truth file written by `msae synth` ({e})") from None
+        except Exception as e:  # safetensors raises its own error types; a file without our keys raises KeyError
+            raise MsaeError(f"{path}: not a ground-truth file written by `msae synth` ({e})") from e
 
 
 @dataclass(frozen=True)
@@ -170,21 +169,33 @@ TRUTH_FILE = "truth.safetensors"
 SPLITS = {("image", "train"): 1, ("image", "val"): 2, ("text", "train"): 3, ("text", "val"): 4}
 
 
+def synthetic_files(out: str | os.PathLike) -> dict[str, Path]:
+    """The files ``msae synth --out DIR`` writes: DIR/{image,text}_{train,val}.arrow and DIR/truth.safetensors."""
+    out = Path(out)
+    return {f"{m}_{s}": out / f"{m}_{s}.arrow" for m, s in SPLITS} | {"truth": out / TRUTH_FILE}
+
+
 def write_synthetic(out_dir: str | os.PathLike, n_train: int = 20000, n_val: int = 4000, *, dtype: str = "float32",
                     overwrite: bool = False, **world_kwargs) -> dict[str, Path]:
-    """Write ``{image,text}_{train,val}.arrow`` caches and ``truth.safetensors`` into a new folder, atomically."""
+    """Write the synthetic caches and ``truth.safetensors`` (see :func:`synthetic_files`).
+
+    The folder may be new or empty; a folder holding files needs ``overwrite``, and even then only
+    these files are replaced (each atomically, after all were made); nothing else in it is touched."""
     import json
     import shutil
-    import tempfile
 
+    from msae.atomic import temp_dir_beside
     from msae.cache import write_cache
 
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise MsaeError(f"--out {out}: exists; choose another folder or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise MsaeError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MsaeError(f"--out {out}: exists and is not empty; choose another folder or pass --overwrite "
+                        "(which replaces only the synthetic files)")
     world = make_world(**world_kwargs)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    files = synthetic_files(out)
+    tmp = temp_dir_beside(out)
     try:
         world.truth.save(tmp / TRUTH_FILE)
         params = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in world_kwargs.items()}, sort_keys=True)
@@ -195,10 +206,11 @@ def write_synthetic(out_dir: str | os.PathLike, n_train: int = 20000, n_val: int
                         split=split, dtype=dtype,
                         extra={"truth": TRUTH_FILE, "features": int(world.truth.dictionary.shape[0]),
                                "true_l0": data.codes_l0, "sample_seed": sample_seed})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if not out.exists() or not any(out.iterdir()):
+            os.replace(tmp, out)
+        else:
+            for path in files.values():
+                os.replace(tmp / path.name, path)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return {f"{m}_{s}": out / f"{m}_{s}.arrow" for m, s in SPLITS} | {"truth": out / TRUTH_FILE}
+        shutil.rmtree(tmp, ignore_errors=True)
+    return files

@@ -35,12 +35,12 @@ def lr_multiplier(epoch: int, epochs: int, decay_start: float = 0.8) -> float:
 
 @torch.no_grad()
 def renormalize_decoder(sae: SAE) -> None:
-    """Scale each decoder row to unit norm; multiply the encoder column and latent bias by the old
-    norm (a ReLU SAE computes the same function afterwards)."""
+    """Scale each decoder row to unit norm; scale what produces each latent (encoder column, latent
+    bias, and a method's own per-latent parameters) by the old norm (a ReLU SAE computes the same
+    function afterwards)."""
     norms = sae.W_dec.norm(dim=1).clamp_min(1e-12)
     sae.W_dec.div_(norms[:, None])
-    sae.W_enc.mul_(norms[None, :])
-    sae.b_enc.mul_(norms)
+    sae.rescale_latents(norms)
 
 
 @torch.no_grad()
@@ -152,7 +152,7 @@ class EpochRecord:
 
     def flat(self) -> dict[str, float]:
         """Plain metric names for loggers: train metrics, then '<eval-set>/<metric>'."""
-        out = {"epoch": self.epoch, "lr": self.lr, "train_loss": self.loss, "train_l0": self.l0,
+        out = {"epoch": self.epoch, "lr_schedule": self.lr, "train_loss": self.loss, "train_l0": self.l0,
                "epoch_seconds": self.seconds, "dead_fraction_train": self.dead_fraction_train}
         for name, res in self.eval.items():
             for k, v in res.items():
@@ -160,22 +160,29 @@ class EpochRecord:
         return out
 
 
-def place_data(arr: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Whole array on the GPU when it fits comfortably, else a zero-copy CPU tensor."""
+def preprocessing_record(sae: SAE, cfg: TrainConfig) -> dict:
+    """How the model's inputs are processed, as recorded in its checkpoint."""
+    return {"scaling": cfg.scaling, "mean_center": cfg.mean_center, "scale": float(sae.scale)}
+
+
+def place_data(arr: np.ndarray, device: torch.device, share: float = 1.0) -> torch.Tensor:
+    """Whole array on the GPU when it fits comfortably in this process's ``share`` of the GPU's free
+    memory (several trials may share one GPU), else a zero-copy CPU tensor."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        if arr.nbytes < 0.5 * free:
+        if arr.nbytes < 0.5 * free * min(1.0, share):
             return as_tensor(arr, device)
     return as_tensor(arr, torch.device("cpu"))
 
 
 def fit(sae: SAE, train: np.ndarray, cfg: TrainConfig, eval_sets: dict[str, np.ndarray] | None = None,
         on_epoch: Callable[[EpochRecord, "Trainer"], None] | None = None, progress: bool = True,
-        trainer: Trainer | None = None, fit_stats: bool = True) -> list[EpochRecord]:
+        trainer: Trainer | None = None, fit_stats: bool = True, device_share: float = 1.0) -> list[EpochRecord]:
     """Train ``sae`` on ``train`` (N, d) for ``cfg.epochs``; evaluate each epoch on ``eval_sets``.
 
-    Preprocessing statistics come from the TRAIN data and are stored in the model; evaluation
-    data is processed with them. ``trainer`` may carry restored optimiser state (resume).
+    Preprocessing statistics come from the TRAIN data and are stored in the model (``fit_stats``;
+    else the model's are kept); evaluation data is processed with them. ``trainer`` may carry
+    restored optimiser state (resume). ``device_share``: the fraction of a GPU this process owns.
     """
     from msae.evaluate import evaluate
 
@@ -187,7 +194,7 @@ def fit(sae: SAE, train: np.ndarray, cfg: TrainConfig, eval_sets: dict[str, np.n
         sae.set_preprocessing(torch.from_numpy(pp.mean), pp.scale)
     trainer = trainer or Trainer(sae, cfg)
     device = trainer.device
-    data = place_data(train, device)
+    data = place_data(train, device, device_share)
     source = ShuffledBatches(data, cfg.batch_size, cfg.seed)
     history: list[EpochRecord] = []
     bar = _progress(cfg.epochs * len(source), trainer.epoch * len(source), progress)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from msae.config import SAEConfig, doubling_levels
+from msae.config import SAEConfig
+from msae.sae import REGISTRY, sae_config
 from msae.synthetic import make_synthetic
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -12,14 +13,9 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 D, N = 32, 128
 
-# One entry per SAE class (and the MSAE variants that matter); every parametrized test runs on all.
-METHOD_CONFIGS = {
-    "relu": SAEConfig("relu", D, N, l1=0.003),
-    "topk": SAEConfig("topk", D, N, k=8),
-    "batchtopk": SAEConfig("batchtopk", D, N, k=8),
-    "msae-rw": SAEConfig("msae", D, N, levels=doubling_levels(4, N), weighting="rw"),
-    "msae-uw-partial": SAEConfig("msae", D, N, levels=(4, 8, 16), weighting="uw"),
-}
+# Every registered method's examples (msae/sae/<method>.py); every parametrized test runs on all.
+METHOD_CONFIGS = {name: sae_config(m.name, D, N, **values)
+                  for m in REGISTRY.values() for name, values in m.examples.items()}
 
 
 @pytest.fixture(params=list(METHOD_CONFIGS), ids=list(METHOD_CONFIGS))

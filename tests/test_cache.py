@@ -97,8 +97,12 @@ def _corrupt_cases(tmp_path, emb):
     cases["wrong-schema"] = (plain.read_bytes(), "not an msae feature cache")
     nan = emb.copy()
     nan[123, 4] = np.nan
-    write_cache(tmp_path / "nan.arrow", nan, [str(i) for i in range(300)], **META)
-    cases["nan"] = ((tmp_path / "nan.arrow").read_bytes(), "row 123 contains NaN")
+    with pytest.raises(MsaeError, match="row 123 contains NaN"):  # msae never writes one
+        write_cache(tmp_path / "nan.arrow", nan, [str(i) for i in range(300)], **META)
+    made_elsewhere = bytearray(raw)  # the good file with one value turned into NaN
+    pos = made_elsewhere.find(emb[123].tobytes()) + 4 * 4
+    made_elsewhere[pos:pos + 4] = np.float32(np.nan).tobytes()
+    cases["nan"] = (bytes(made_elsewhere), "row 123 contains NaN")
     return cases
 
 
@@ -203,3 +207,30 @@ def test_import_errors(tmp_path, emb):
     with pytest.raises(MsaeError, match="exists; choose another path or pass --overwrite"):
         import_features(tmp_path / "two.parquet", tmp_path / "out.arrow", column="b")
     assert sorted(os.listdir(tmp_path)) == sorted(list(cases) + ["out.arrow"])
+
+
+@pytest.mark.slow
+def test_cache_beyond_2_31_values_is_written_and_mapped(tmp_path):
+    """The CC3M ViT-L/14 cache holds 2.2e9 values; one record batch of more than 2^31 - 1 values needs Arrow's
+    64-bit IPC option. Written here from a sparse memory map (all zeros but two rows), 8.6 GB, then deleted."""
+    import shutil
+    rows, d = 2_796_300, 768  # 2,147,558,400 values: just above 2^31 - 1
+    if shutil.disk_usage(tmp_path).free < 2.5 * rows * d * 4:
+        pytest.skip("needs about 22 GB of free disk for the source and the cache")
+    src = np.memmap(tmp_path / "src.f32", dtype=np.float32, mode="w+", shape=(rows, d))
+    src[0] = 1.5
+    src[-1] = -2.0
+    src.flush()
+    out = tmp_path / "big.arrow"
+    try:
+        info = write_cache(out, src, [str(i) for i in range(rows)], **META)
+        assert (info.n, info.d) == (rows, d) and rows * d > 2**31
+        c = open_cache(out)
+        assert c.embeddings.shape == (rows, d) and not c.embeddings.flags.owndata
+        assert float(c.embeddings[0, 5]) == 1.5 and float(c.embeddings[-1, 767]) == -2.0
+        assert float(c.embeddings[rows // 2].sum()) == 0.0 and c.info.content_hash == info.content_hash
+        del c
+    finally:
+        del src
+        out.unlink(missing_ok=True)
+        (tmp_path / "src.f32").unlink(missing_ok=True)

@@ -6,8 +6,7 @@ from msae import checkpoint
 from msae.config import TrainConfig
 from msae.evaluate import evaluate
 from msae.losses import mse, nmse
-from msae.sae import create_sae
-from msae.sae.dense import dense_training_loss
+from msae.sae import create_sae, dense_training_loss, sae_config
 from msae.train import Trainer, fit, lr_multiplier, remove_parallel_grad, renormalize_decoder
 
 from conftest import D, N
@@ -214,8 +213,7 @@ def test_batchtopk_inference_is_batch_independent(synth):
 
 
 def test_auxk_revives_dead_latents(synth):
-    from msae.config import SAEConfig
-    cfg = SAEConfig("topk", D, N, k=4, auxk=16)
+    cfg = sae_config("topk", D, N, k=4, auxk=16)
     sae = create_sae(cfg, 0)
     with torch.no_grad():
         sae.b_enc[:8] = 5.0  # 8 latents always win the top-4; the other 120 never fire
@@ -227,7 +225,7 @@ def test_auxk_revives_dead_latents(synth):
     assert "auxk" in out.parts and out.parts["auxk"] > 0
     assert int(trainer.dead_mask()[8:].sum()) == N - 8
     assert float(sae.b_enc.grad[8:].abs().sum()) > 0  # dead latents receive gradient
-    plain = create_sae(SAEConfig("topk", D, N, k=4), 0)
+    plain = create_sae(sae_config("topk", D, N, k=4), 0)
     with torch.no_grad():
         plain.b_enc[:8] = 5.0
     plain.training_step(x, nmse).loss.backward()

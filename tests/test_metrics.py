@@ -124,10 +124,9 @@ def test_progressive_ks():
 
 
 def test_evaluate_rejects_k_beyond_n():
-    from msae.config import SAEConfig
     from msae.errors import MsaeError
     from msae.evaluate import evaluate
-    from msae.sae import create_sae
-    sae = create_sae(SAEConfig("topk", 8, 16, k=4))
+    from msae.sae import create_sae, sae_config
+    sae = create_sae(sae_config("topk", 8, 16, k=4))
     with pytest.raises(MsaeError, match=r"k: expected an integer between 1 and n=16 \(the number of latents\), got 17"):
         evaluate(sae, np.zeros((5, 8), dtype=np.float32), ks=[None, 17])

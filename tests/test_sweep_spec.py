@@ -6,7 +6,7 @@ import pytest
 from msae.errors import MsaeError
 from msae.pareto import hypervolume, pareto_front
 from msae.sweep.fronts import Point, compute_fronts
-from msae.sweep.space import check_trials, expand_grid, sae_config
+from msae.sweep.space import expand_grid, plan_trials
 from msae.sweep.spec import load_spec, parse_spec
 
 SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
@@ -16,25 +16,24 @@ SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
 @pytest.mark.parametrize("x", [8, 16, 32])
 def test_paper_grids_have_60_trials(name, x):
     spec = load_spec(SWEEPS / f"paper-{name}-x{x}.yaml")
-    trials = expand_grid(spec)
-    by_method = {m: sum(t["method"] == m for t in trials) for m in ("relu", "topk", "msae")}
+    d = 768 if name == "vitl14" else 512
+    trials = plan_trials(spec, d)
+    by_method = {m: sum(t.method == m for t in trials) for m in ("relu", "topk", "msae")}
     assert by_method == {"relu": 20, "topk": 20, "msae": 20} and len(trials) == 60
     assert spec.expansion == x and spec.training.epochs == (20 if x == 32 else 30)
-    assert len({t["key"] for t in trials}) == 60
-    d = 768 if name == "vitl14" else 512
-    check_trials(spec, d)
-    msae = sae_config(next(t for t in trials if t["method"] == "msae" and t["levels_from"] == 64), d, x)
+    assert len({t.key for t in trials}) == 60
+    msae = next(t for t in trials if t.method == "msae" and t.params["levels_from"] == 64).sae
     assert msae.levels[0] == 64 and msae.levels[-1] == d * x
 
 
 def test_conditional_grid_expansion():
     spec = load_spec(SWEEPS / "demo.yaml")
-    trials = expand_grid(spec)
+    trials = expand_grid(spec, 64)
     assert len(trials) == 11
     for t in trials:
-        own = {"relu": {"l1"}, "topk": {"k"}, "batchtopk": {"k"}, "msae": {"levels_from", "weighting"}}[t["method"]]
-        assert set(t) == {"method", "lr", "key"} | own
-    assert [t["key"] for t in trials if t["method"] == "msae"] == [
+        own = {"relu": {"l1"}, "topk": {"k"}, "batchtopk": {"k"}, "msae": {"levels_from", "weighting"}}[t.method]
+        assert set(t.params) == {"method", "lr"} | own
+    assert [t.key for t in trials if t.method == "msae"] == [
         "msae_lr0.002_from8_rw", "msae_lr0.002_from8_uw", "msae_lr0.002_from16_rw", "msae_lr0.002_from16_uw"]
 
 
@@ -71,10 +70,10 @@ def test_spec_errors_name_the_key(text, message):
 def test_bad_combinations_fail_before_any_trial():
     spec = parse_spec(BASE.replace("k: [8]", "k: [8, 4096]"))
     with pytest.raises(MsaeError, match=r"methods.topk \(trial topk_lr0.001_k4096\): .*4096"):
-        check_trials(spec, 64)
+        plan_trials(spec, 64)
     spec = parse_spec(BASE.replace("k: [8]", "k: {min: 4, max: 9999}") + "search: {kind: optuna, trials: 4}\n")
     with pytest.raises(MsaeError, match="methods.topk.k: max 9999 exceeds n = 512"):
-        check_trials(spec, 64)
+        plan_trials(spec, 64)
 
 
 def test_pareto_front_and_hypervolume_by_hand():
@@ -89,17 +88,17 @@ def test_pareto_front_and_hypervolume_by_hand():
 
 
 def test_compute_fronts_groups_planes_and_fractions():
-    pts = [Point("r1", "topk_a", "topk", "own", 8, 0.2, 0.1), Point("r1", "topk_a", "topk", "k=16", 16, 0.1, 0.05),
-           Point("r2", "relu_a", "relu", "own", 30, 0.05, 0.2), Point("r3", "relu_b", "relu", "own", 40, 0.3, 0.01)]
+    pts = [Point("topk_a", "topk", "own", 8, 0.2, 0.1), Point("topk_a", "topk", "k=16", 16, 0.1, 0.05),
+           Point("relu_a", "relu", "own", 30, 0.05, 0.2), Point("relu_b", "relu", "own", 40, 0.3, 0.01)]
     fr = compute_fronts(pts, {"l0": 100.0, "fvu": 1.0, "one_minus_cosine": 1.0})
     all_fvu = fr["fronts"]["all/fvu"]
     assert [(p["l0"], p["fvu"]) for p in all_fvu["points"]] == [(8, 0.2), (16, 0.1), (30, 0.05)]
-    assert all_fvu["run_ids"] == ["r1", "r2"]
+    assert all_fvu["trials"] == ["relu_a", "topk_a"]
     assert all_fvu["hypervolume"] == pytest.approx(92 * 0.8 + 84 * 0.1 + 70 * 0.05)
     assert all_fvu["hypervolume_fraction"] == pytest.approx(all_fvu["hypervolume"] / 100)
     cos = fr["fronts"]["all/one_minus_cosine"]
     assert [p["trial"] for p in cos["points"]] == ["topk_a", "topk_a", "relu_b"]
-    assert fr["fronts"]["relu/fvu"]["run_ids"] == ["r2"]
+    assert fr["fronts"]["relu/fvu"]["trials"] == ["relu_a"]
     assert set(fr["fronts"]) == {f"{g}/{p}" for g in ("all", "relu", "topk") for p in ("fvu", "one_minus_cosine")}
 
 

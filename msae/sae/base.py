@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from msae.config import SAEConfig, check_k
+from msae.data import to_tensor
 from msae.errors import MsaeError
 from msae.sae.kernels import SparseRows, gather_selected, rect_to_rows, sparse_decode
 
@@ -29,11 +30,10 @@ class StepOutput:
 class SAE(nn.Module):
     """One dictionary of n latents over d-dimensional inputs (SAELens parameter names).
 
-    Public methods take and return tensors in ORIGINAL CLIP space; the ``*_processed`` methods
-    work in the preprocessed space x' = (x - mean) * scale that the model is trained in.
+    Public methods take and return tensors in ORIGINAL CLIP space (numpy arrays are accepted too);
+    the ``*_processed`` methods work in the preprocessed space x' = (x - mean) * scale that the
+    model is trained in.
     """
-
-    method: str = ""
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None):
         super().__init__()
@@ -59,6 +59,13 @@ class SAE(nn.Module):
         self.W_enc.copy_(w.t())
         self.b_enc.zero_()
         self.b_dec.zero_()
+
+    @torch.no_grad()
+    def rescale_latents(self, norms: torch.Tensor) -> None:
+        """Decoder rows were divided by ``norms``: scale what produces each latent by the same
+        factor, so that a ReLU SAE computes the same function (recipe section 5, step 2)."""
+        self.W_enc.mul_(norms[None, :])
+        self.b_enc.mul_(norms)
 
     # ---- preprocessing ----------------------------------------------------------------
     def set_preprocessing(self, mean: torch.Tensor, scale: float) -> None:
@@ -96,23 +103,27 @@ class SAE(nn.Module):
     def decode_processed(self, z: torch.Tensor) -> torch.Tensor:
         return z @ self.W_dec + self.b_dec
 
-    def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    def encode(self, x, k: int | None = None) -> torch.Tensor:
         """Codes [B, n] of embeddings in original CLIP space. k=None: the model's own code (for an
         MSAE its largest level); an int k: ReLU(pre) restricted to its top-k."""
         return self.encode_processed(self.preprocess(self._check_input(x)), k)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z) -> torch.Tensor:
         """Reconstructions in original CLIP space."""
-        return self.postprocess(self.decode_processed(z))
+        z = to_tensor(z, self.W_dec.device)
+        if z.ndim != 2 or z.shape[1] != self.n:
+            raise MsaeError(f"codes: expected shape [B, {self.n}], got {list(z.shape)}")
+        return self.postprocess(self.decode_processed(z.to(self.W_dec.dtype)))
 
-    def forward(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    def forward(self, x, k: int | None = None) -> torch.Tensor:
         return self.decode(self.encode(x, k))
 
     def _check_k(self, k: int) -> int:
         check_k("k", k, self.n)
         return k
 
-    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, x) -> torch.Tensor:
+        x = to_tensor(x, self.W_enc.device)
         if x.ndim != 2 or x.shape[1] != self.d:
             raise MsaeError(f"input: expected embeddings of shape [B, {self.d}], got {list(x.shape)}")
         return x.to(self.W_enc.dtype)

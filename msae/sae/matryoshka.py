@@ -8,10 +8,68 @@ sum of chunk decodes. Levels above the largest positive count of the batch equal
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 
+from msae.config import SAEConfig, check_k, doubling_levels
+from msae.errors import MsaeError
 from msae.sae.base import SAE, StepOutput, fire_counts, topk_relu_dense
+from msae.sae.dense import dense_topk
 from msae.sae.kernels import SparseRows, gather_selected, sparse_decode
+from msae.sae.method import Hyper, Method
+
+WEIGHTINGS = ("uw", "rw")
+
+
+def weighting_alphas(weighting: str, n_levels: int) -> tuple[float, ...]:
+    """UW: all ones. RW: L, L-1, ..., 1 for ascending k (the smallest k weighs most)."""
+    if weighting == "uw":
+        return tuple(1.0 for _ in range(n_levels))
+    if weighting == "rw":
+        return tuple(float(n_levels - i) for i in range(n_levels))
+    raise MsaeError(f"weighting: expected 'uw' or 'rw', got {weighting!r}")
+
+
+@dataclass(frozen=True)
+class MatryoshkaConfig(SAEConfig):
+    method: ClassVar[str] = "msae"
+    levels: tuple[int, ...] = ()  # ascending k_1 < ... < k_L
+    alphas: tuple[float, ...] | None = None  # one weight per level; None: from ``weighting``
+    weighting: str | None = None  # 'uw', 'rw' (default) or 'custom' (explicit alphas)
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.levels, (tuple, list)) or not self.levels:
+            raise MsaeError("levels: method msae needs a list of levels")
+        for k in self.levels:
+            check_k("levels", k, self.n)
+        levels = tuple(self.levels)
+        if any(b <= a for a, b in zip(levels, levels[1:])):
+            raise MsaeError(f"levels: must be strictly ascending, got {list(levels)}")
+        object.__setattr__(self, "levels", levels)
+        if self.alphas is None:
+            weighting = self.weighting or "rw"
+            object.__setattr__(self, "alphas", weighting_alphas(weighting, len(levels)))
+            object.__setattr__(self, "weighting", weighting)
+            return
+        if not isinstance(self.alphas, (tuple, list)) or any(
+                isinstance(a, bool) or not isinstance(a, (int, float)) for a in self.alphas):
+            raise MsaeError(f"alphas: expected a list of numbers, got {self.alphas!r}")
+        alphas = tuple(float(a) for a in self.alphas)
+        if len(alphas) != len(levels):
+            raise MsaeError(f"alphas: expected {len(levels)} weights (one per level), got {len(alphas)}")
+        if any(not math.isfinite(a) or a < 0 for a in alphas) or sum(alphas) <= 0:
+            raise MsaeError(f"alphas: expected non-negative weights with a positive sum, got {list(alphas)}")
+        object.__setattr__(self, "alphas", alphas)
+        if self.weighting is None:
+            object.__setattr__(self, "weighting", "custom")
+
+    @property
+    def own_k(self) -> int:
+        return self.levels[-1]
 
 
 def nested_chunk_ids(pre: torch.Tensor, levels: tuple[int, ...]):
@@ -43,7 +101,7 @@ def nested_chunk_ids(pre: torch.Tensor, levels: tuple[int, ...]):
 
 
 class MatryoshkaSAE(SAE):
-    method = "msae"
+    cfg: MatryoshkaConfig
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return topk_relu_dense(pre, self.cfg.levels[-1])
@@ -79,3 +137,33 @@ class MatryoshkaSAE(SAE):
         parts.update({f"recon_k{k}": level_losses[min(i, n_chunks - 1)].detach() for i, k in enumerate(levels)})
         out = StepOutput(loss, recon, fire_counts(col, n), col.numel() / B, parts)
         return self.with_auxk(out, xp, pre, dead)
+
+
+def dense_loss(sae: MatryoshkaSAE, xp: torch.Tensor, recon_loss) -> torch.Tensor:
+    """Reference-style: one sorted top-k and one dense decode per level."""
+    pre = (xp - sae.b_dec) @ sae.W_enc + sae.b_enc
+    total = 0.0
+    for k, a in zip(sae.cfg.levels, sae.cfg.alphas):
+        total = total + a * recon_loss(dense_topk(pre, k) @ sae.W_dec + sae.b_dec, xp)
+    return total / sum(sae.cfg.alphas)
+
+
+def build(d: int, n: int, values: dict[str, Any]) -> MatryoshkaConfig:
+    """Levels from an explicit list, else doubling from ``levels_from`` (default 64, at most n) up to n."""
+    levels = values.get("levels") or doubling_levels(values.get("levels_from") or min(64, n), n)
+    return MatryoshkaConfig(d=d, n=n, levels=tuple(levels), alphas=values.get("alphas"),
+                            weighting=values.get("weighting"))
+
+
+METHOD = Method(
+    name="msae", summary="Matryoshka SAE: nested TopK levels k_1 < ... < k_L over one dictionary",
+    config=MatryoshkaConfig, sae=MatryoshkaSAE, dense_loss=dense_loss,
+    hypers=(Hyper("levels_from", "int", "levels double from this k up to n, then n (default 64)", low=1, key="from"),
+            Hyper("levels", "int_list", "explicit ascending level list", low=1, key="levels"),
+            Hyper("weighting", "choice", "level weighting: uw (uniform) or rw (reverse: smallest k weighs most; "
+                  "default)", choices=WEIGHTINGS, key=""),
+            Hyper("alphas", "float_list", "explicit level weights, one per level", low=0.0, sweep=False)),
+    exclusive=(("weighting", "alphas"),), one_of=(("levels_from", "levels"),),
+    build=build, default_lr=1e-4, progressive=True,
+    examples={"msae-rw": {"levels_from": 4, "weighting": "rw"},
+              "msae-uw-partial": {"levels": [4, 8, 16], "weighting": "uw"}})

@@ -1,32 +1,76 @@
-"""Terminal progress of a sweep: one line per finished or failed trial, with the front so far."""
+"""Terminal progress of a sweep (no Ray here; msae.sweep.callbacks feeds it).
+
+On a terminal: one overall line (done / running / failed out of the total) and one live line per
+running trial moving with its epochs, redrawn in place; a line is printed when a trial ends.
+Elsewhere (logs, CI): only the lines of trials that end, and the overall count with each.
+"""
 from __future__ import annotations
 
 import sys
+from typing import Any
 
-from ray.tune import Callback
-
-from msae.pareto import pareto_front
-from msae.sweep.space import trial_params
+from tqdm import tqdm
 
 
-class SweepProgress(Callback):
-    def __init__(self, total: int, quiet: bool = False):
-        self.total, self.quiet = total, quiet
+class SweepProgress:
+    def __init__(self, total: int, done: int = 0, failed: int = 0, quiet: bool = False, stream=None):
+        self.total, self.done, self.failed, self.quiet = total, done, failed, quiet
+        self.stream = stream or sys.stderr
+        self.live = (not quiet) and self.stream.isatty()
+        self.bars: dict[str, tqdm] = {}
+        self.overall = tqdm(total=total, initial=done, position=0, file=self.stream, dynamic_ncols=True,
+                            bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} [{elapsed}]", disable=not self.live)
+        self._describe()
 
-    def _line(self, trials, event: str) -> None:
+    def _describe(self) -> None:
+        self.overall.set_description_str(f"sweep: {self.done} done, {len(self.bars)} running, {self.failed} failed of")
+        self.overall.refresh()
+
+    def say(self, line: str) -> None:
+        """A line above the live lines (or plainly, without a terminal)."""
         if self.quiet:
             return
-        states = [t.status for t in trials]
-        finals = [t.last_result for t in trials if t.last_result.get("final") and not t.last_result.get("diverged")]
-        failed = states.count("ERROR") + sum(1 for t in trials if t.last_result.get("diverged"))
-        done = sum(1 for t in trials if t.status == "TERMINATED") - (failed - states.count("ERROR"))
-        pts = [(r["l0"], r["fvu"]) for r in finals if "l0" in r and "fvu" in r]
-        front = " ".join(f"{pts[i][0]:.1f}/{pts[i][1]:.4f}" for i in pareto_front(pts)[:6])
-        print(f"[sweep] {event}: {done}/{self.total} done, {states.count('RUNNING')} running, {failed} failed"
-              + (f"; front (L0/FVU): {front}" if front else ""), file=sys.stderr, flush=True)
+        if self.live:
+            tqdm.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._line(trials, f"{trial_params(trial.config)['key']} finished")
+    def started(self, key: str, epochs: int) -> None:
+        if key in self.bars or not self.live:
+            self.bars.setdefault(key, None)
+            return
+        used = {b.pos for b in self.bars.values() if b is not None}
+        pos = next(p for p in range(1, len(used) + 2) if p not in used and -p not in used)
+        self.bars[key] = tqdm(total=epochs, position=pos, leave=False, file=self.stream, dynamic_ncols=True,
+                              desc=key, unit="epoch", bar_format="  {desc} {bar:12} epoch {n_fmt}/{total_fmt} {postfix}")
+        self._describe()
 
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(trials, f"{trial_params(trial.config)['key']} FAILED")
+    def epoch(self, key: str, epoch: int, metrics: dict[str, Any]) -> None:
+        bar = self.bars.get(key)
+        if bar is None:
+            return
+        bar.n = epoch
+        shown = {k: metrics[k] for k in ("fvu", "l0") if isinstance(metrics.get(k), (int, float))}
+        bar.set_postfix_str(" ".join(f"{k}={v:.4g}" for k, v in shown.items()), refresh=False)
+        bar.refresh()
+
+    def ended(self, key: str, outcome: str, detail: str) -> None:
+        """``outcome``: finished, stopped early, diverged, failed."""
+        bar = self.bars.pop(key, None)
+        if bar is not None:
+            bar.close()
+        if outcome in ("finished", "stopped early"):
+            self.done += 1
+            self.overall.update(1)
+        else:
+            self.failed += 1
+        self._describe()
+        self.say(f"[sweep] {key} {outcome}{': ' + detail if detail else ''} "
+                 f"({self.done}/{self.total} done, {len(self.bars)} running, {self.failed} failed)")
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            if bar is not None:
+                bar.close()
+        self.bars.clear()
+        self.overall.close()

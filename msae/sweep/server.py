@@ -8,11 +8,15 @@ import time
 import urllib.error
 import urllib.request
 
+from msae import atomic
 from msae.errors import MsaeError
 
 
 def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now. SO_REUSEADDR, as servers set it: a port
+    held only by TIME-WAIT sockets of a server that just stopped is free to listen on again."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
             return True
@@ -65,10 +69,54 @@ def health_error(url: str, timeout: float = 5.0) -> str | None:
 PID_FILE, LOG_FILE = "server.pid", "server.log"
 
 
+def serve_ui(tracking_uri: str, host: str, port: int) -> int:
+    """``msae ui``: an MLflow server in its own process group, in the foreground; Ctrl-C or SIGTERM
+    stops the whole group (mlflow, its uvicorn workers), so nothing keeps listening after it."""
+    import signal
+    import subprocess
+
+    check_bind(host, port)
+    print(f"MLflow dashboard for {tracking_uri} at http://{host}:{port} (Ctrl-C stops it)", file=sys.stderr)
+    proc = subprocess.Popen(server_command(tracking_uri, host, port), env=server_env(), start_new_session=True)
+    stopping = []
+
+    def stop(signum, frame):
+        stopping.append(signum)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        _stop_group(proc.pid)
+    return 0 if stopping else code
+
+
+def _stop_group(pgid: int, timeout: float = 15.0) -> None:
+    """SIGTERM the process group we started, SIGKILL what is left after ``timeout``."""
+    import signal
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline and _group_alive(pgid):
+        time.sleep(0.2)
+    if _group_alive(pgid):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def start_server(backend_uri: str, artifacts: str, host: str, port: int, state_dir: str | os.PathLike,
                  timeout: float = 180.0) -> dict:
     """Start ``mlflow server`` detached (its own process group), wait for its health check, record its PID."""
-    import json
     import subprocess
     from pathlib import Path
 
@@ -93,9 +141,7 @@ def start_server(backend_uri: str, artifacts: str, host: str, port: int, state_d
     log.close()
     url = f"http://{host}:{port}"
     info = {"pid": proc.pid, "url": url, "backend_uri": backend_uri, "artifacts": artifacts, "host": host, "port": port}
-    tmp = state / f".{PID_FILE}.tmp"
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, state / PID_FILE)
+    atomic.write_json(state / PID_FILE, info)
     if not wait_healthy(url, timeout, proc):
         stop_server(state)
         tail = (state / LOG_FILE).read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
@@ -120,7 +166,6 @@ def server_status(state_dir: str | os.PathLike) -> dict:
 def stop_server(state_dir: str | os.PathLike, timeout: float = 30.0) -> bool:
     """SIGTERM the server's process group (we started it as its own session), SIGKILL after ``timeout``."""
     import json
-    import signal
     from pathlib import Path
 
     pid_file = Path(state_dir) / PID_FILE
@@ -128,15 +173,7 @@ def stop_server(state_dir: str | os.PathLike, timeout: float = 30.0) -> bool:
         return False
     pid = json.loads(pid_file.read_text())["pid"]
     if _alive(pid):
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.time() + timeout
-        while time.time() < deadline and _group_alive(pid):
-            time.sleep(0.2)
-        if _group_alive(pid):
-            os.killpg(pid, signal.SIGKILL)
+        _stop_group(pid, timeout)
     pid_file.unlink(missing_ok=True)
     return True
 

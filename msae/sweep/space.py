@@ -1,48 +1,113 @@
-"""From a spec to trials: per-method grid expansion, the Optuna search space, and the configs of one trial.
+"""From a spec to trials: frozen :class:`Trial` objects, by grid expansion or from the Optuna space.
 
-A trial is a plain dict: ``method``, ``lr`` and the method's own hyperparameters (``l1``; ``k``;
-``levels`` and ``weighting``), plus ``key``, a readable name that is stable across resumes.
+Both are derived from each method's hyperparameter schema (msae/sae/<method>.py): a method
+varies only its own hyperparameters, and the trial key (a readable name, stable across resumes)
+is built by the method.
 """
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Any
 
-from msae.config import SAEConfig, TrainConfig, doubling_levels
+from msae.config import SAEConfig, TrainConfig
 from msae.errors import MsaeError
-from msae.sweep.spec import Range, SweepSpec
+from msae.sae import REGISTRY, method_of
+from msae.sweep.spec import LR, Range, SweepSpec
 
 
-def _key(p: dict[str, Any]) -> str:
-    parts = [p["method"], f"lr{p['lr']:g}"]
-    if "l1" in p:
-        parts.append(f"l1{p['l1']:g}")
-    if "k" in p:
-        parts.append(f"k{p['k']}")
-    if "levels_from" in p:
-        parts.append(f"from{p['levels_from']}")
-    elif "levels" in p:
-        parts.append("levels" + "-".join(map(str, p["levels"])))
-    if "weighting" in p:
-        parts.append(p["weighting"])
-    return "_".join(parts)
+@dataclass(frozen=True)
+class Trial:
+    """One SAE to train: its key, the values it was given, and the configs built from them."""
+
+    key: str
+    method: str
+    lr: float
+    values: tuple[tuple[str, Any], ...]  # the method's hyperparameters as the spec gave them
+    sae: SAEConfig
+    train: TrainConfig
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """method, lr and the given hyperparameters (lists for level lists)."""
+        return {"method": self.method, "lr": self.lr, **{k: (list(v) if isinstance(v, tuple) else v)
+                                                         for k, v in self.values}}
+
+    @property
+    def run_name(self) -> str:
+        """A short readable name: the method, its own values, then the learning rate."""
+        own = " ".join(f"{k}={'-'.join(map(str, v)) if isinstance(v, tuple) else format(v, 'g') if isinstance(v, float) else v}"
+                       for k, v in self.values)
+        return " ".join(p for p in (self.method, own, f"lr={self.lr:g}") if p)
+
+    def record(self) -> dict[str, Any]:
+        """What the sweep folder keeps of the trial (trials/KEY.trial.json)."""
+        return {"key": self.key, "method": self.method, "params": self.params, "run_name": self.run_name,
+                "sae": self.sae.to_dict(), "train": self.train.to_dict()}
+
+    def tune_config(self) -> dict[str, Any]:
+        """The trial as Ray Tune carries it: plain values only (Tune swaps objects in a search space
+        for object-store placeholders that only the worker resolves)."""
+        return {"key": self.key, **self.params}
 
 
-def expand_grid(spec: SweepSpec) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class TrialFactory:
+    """Builds the trials of one sweep: its sizes and training settings."""
+
+    d: int
+    n: int
+    training: dict[str, Any]  # the spec's TrainConfig fields (all but lr and device)
+
+    @classmethod
+    def of(cls, spec: SweepSpec, d: int) -> "TrialFactory":
+        t = spec.training.train_config(1.0, "auto").to_dict()
+        return cls(d, n_latents(spec, d), {k: v for k, v in t.items() if k not in ("lr", "device")})
+
+    def make(self, method: str, lr: float, values: dict[str, Any]) -> Trial:
+        """A trial of ``method`` with learning rate ``lr`` and hyperparameter ``values`` (one-line
+        error naming the trial when the combination is invalid, e.g. k > n)."""
+        m = method_of(method)
+        lr = float(LR.check(lr, "lr"))
+        key = m.key(lr, values)
+        try:
+            sae = m.make_config(self.d, self.n, values)
+        except MsaeError as e:
+            raise MsaeError(f"methods.{method} (trial {key}): {e}") from e
+        train = TrainConfig(lr=lr, **self.training)
+        ordered = tuple((h.name, tuple(values[h.name]) if isinstance(values[h.name], list) else values[h.name])
+                        for h in m.hypers if values.get(h.name) is not None)
+        return Trial(key, method, lr, ordered, sae, train)
+
+    def from_tune(self, config: dict[str, Any]) -> Trial:
+        """The trial of a Tune config (see :meth:`Trial.tune_config`)."""
+        c = dict(config["trial"])
+        key, method, lr = c.pop("key"), c.pop("method"), c.pop("lr")
+        trial = self.make(method, lr, c)
+        if trial.key != key:
+            raise MsaeError(f"trial {key}: its parameters make the key {trial.key}")
+        return trial
+
+
+def n_latents(spec: SweepSpec, d: int) -> int:
+    n = int(round(spec.expansion * d))
+    if n < 1:
+        raise MsaeError(f"expansion: {spec.expansion} x d={d} gives no latents")
+    return n
+
+
+def expand_grid(spec: SweepSpec, d: int) -> list[Trial]:
     """All grid points, method by method; each method only varies its own hyperparameters."""
+    factory = TrialFactory.of(spec, d)
     trials = []
-    for method, g in spec.methods.enabled().items():
-        if method == "relu":
-            combos = [{"lr": lr, "l1": l1} for lr, l1 in itertools.product(g.lr, g.l1)]
-        elif method in ("topk", "batchtopk"):
-            combos = [{"lr": lr, "k": k} for lr, k in itertools.product(g.lr, g.k)]
-        else:
-            levels = [("levels_from", v) for v in g.levels_from] if g.levels_from else [("levels", v) for v in g.levels]
-            combos = [{"lr": lr, lk: lv, "weighting": w} for lr, (lk, lv), w in itertools.product(g.lr, levels, g.weighting)]
-        for c in combos:
-            p = {"method": method, **c}
-            trials.append({**p, "key": _key(p)})
-    keys = [t["key"] for t in trials]
+    for method, grid in spec.methods.enabled().items():
+        m = REGISTRY[method]
+        given = {h.name: getattr(grid, h.name) for h in m.hypers if h.sweep and getattr(grid, h.name) is not None}
+        names = list(given)
+        lrs = grid.lr if grid.lr is not None else [m.default_lr]
+        for lr, combo in itertools.product(lrs, itertools.product(*(given[k] for k in names))):
+            trials.append(factory.make(method, lr, dict(zip(names, combo))))
+    keys = [t.key for t in trials]
     dup = next((k for k in keys if keys.count(k) > 1), None)
     if dup:
         raise MsaeError(f"methods: the grid repeats the trial {dup}")
@@ -51,9 +116,11 @@ def expand_grid(spec: SweepSpec) -> list[dict[str, Any]]:
 
 class OptunaSpace:
     """A define-by-run search space for OptunaSearch: the method first, then its own parameters
-    (log-uniform lr and lambda, integer k on a log scale, categorical lists). Picklable (sweep resume)."""
+    (log-uniform floats, integers on a log scale, categorical lists). Returns a Tune config
+    (``{"trial": Trial.tune_config()}``)."""
 
-    def __init__(self, spec: SweepSpec):
+    def __init__(self, spec: SweepSpec, d: int):
+        self.factory = TrialFactory.of(spec, d)
         self.methods = spec.methods.enabled()
 
     @staticmethod
@@ -64,65 +131,34 @@ class OptunaSpace:
             return ot.suggest_float(name, values.min, values.max, log=True)
         if len(values) == 1:
             return values[0]
-        if kind == "levels":
-            return [int(v) for v in ot.suggest_categorical(name, [",".join(map(str, v)) for v in values]).split(",")]
+        if kind in ("int_list", "float_list"):
+            return [type(values[0][0])(v) for v in
+                    ot.suggest_categorical(name, [",".join(map(str, v)) for v in values]).split(",")]
         return ot.suggest_categorical(name, list(values))
 
     def __call__(self, ot) -> dict[str, Any]:
-        methods, pick = self.methods, self._pick
+        methods = self.methods
         method = ot.suggest_categorical("method", list(methods)) if len(methods) > 1 else next(iter(methods))
-        g = methods[method]
-        p: dict[str, Any] = {"method": method, "lr": pick(ot, f"{method}.lr", g.lr, "float")}
-        if method == "relu":
-            p["l1"] = pick(ot, "relu.l1", g.l1, "float")
-        elif method in ("topk", "batchtopk"):
-            p["k"] = pick(ot, f"{method}.k", g.k, "int")
-        else:
-            if g.levels_from is not None:
-                p["levels_from"] = pick(ot, "msae.levels_from", g.levels_from, "int")
-            else:
-                p["levels"] = pick(ot, "msae.levels", g.levels, "levels")
-            p["weighting"] = pick(ot, "msae.weighting", g.weighting, "cat")
-        return {"trial": {**p, "key": _key(p)}}
+        grid, m = methods[method], REGISTRY[method]
+        lr = self._pick(ot, f"{method}.lr", grid.lr if grid.lr is not None else [m.default_lr], "float")
+        values = {h.name: self._pick(ot, f"{method}.{h.name}", getattr(grid, h.name), h.kind)
+                  for h in m.hypers if h.sweep and getattr(grid, h.name) is not None}
+        return {"trial": self.factory.make(method, lr, values).tune_config()}
 
 
-def trial_params(config: dict[str, Any]) -> dict[str, Any]:
-    """The trial dict inside a Tune config (grid: ``config['trial']``; Optuna: the returned constants)."""
-    return dict(config["trial"])
+def check_ranges(spec: SweepSpec, d: int) -> None:
+    """Optuna ranges of k-like integers must fit in n (checked before any trial starts)."""
+    n = n_latents(spec, d)
+    for method, grid in spec.methods.enabled().items():
+        for h in REGISTRY[method].hypers:
+            v = getattr(grid, h.name, None) if h.sweep else None
+            if isinstance(v, Range) and h.kind == "int" and v.max > n:
+                raise MsaeError(f"methods.{method}.{h.name}: max {v.max:g} exceeds n = {n} latents")
 
 
-def sae_config(p: dict[str, Any], d: int, expansion: float) -> SAEConfig:
-    n = int(round(expansion * d))
-    m = p["method"]
-    if m == "relu":
-        return SAEConfig("relu", d, n, l1=p["l1"])
-    if m in ("topk", "batchtopk"):
-        return SAEConfig(m, d, n, k=int(p["k"]))
-    levels = tuple(p["levels"]) if "levels" in p else doubling_levels(int(p["levels_from"]), n)
-    return SAEConfig("msae", d, n, levels=levels, weighting=p["weighting"])
-
-
-def train_config(p: dict[str, Any], spec: SweepSpec, device: str) -> TrainConfig:
-    t = spec.training
-    return TrainConfig(lr=float(p["lr"]), epochs=t.epochs, batch_size=t.batch_size, seed=t.seed, loss=t.loss,
-                       scaling=t.scaling, mean_center=t.mean_center, device=device)
-
-
-def check_trials(spec: SweepSpec, d: int) -> list[dict[str, Any]]:
-    """Expand the grid (or nothing, for Optuna) and build every trial's configs once, so that a bad
-    combination (k > n, levels out of range) fails before any trial starts."""
-    n = int(round(spec.expansion * d))
-    if n < 1:
-        raise MsaeError(f"expansion: {spec.expansion} x d={d} gives no latents")
-    trials = expand_grid(spec) if spec.search.kind == "grid" else []
-    for p in trials:
-        try:
-            sae_config(p, d, spec.expansion)
-        except MsaeError as e:
-            raise MsaeError(f"methods.{p['method']} (trial {p['key']}): {e}") from None
-    for method, g in spec.methods.enabled().items():
-        for field in ("k", "levels_from"):
-            v = getattr(g, field, None)
-            if isinstance(v, Range) and v.max > n:
-                raise MsaeError(f"methods.{method}.{field}: max {v.max:g} exceeds n = {n} latents")
-    return trials
+def plan_trials(spec: SweepSpec, d: int) -> list[Trial]:
+    """The grid's trials (none for Optuna, whose trials are drawn as the sweep runs), every one
+    built once so that a bad combination (k > n, levels out of range) fails before anything starts."""
+    n_latents(spec, d)
+    check_ranges(spec, d)
+    return expand_grid(spec, d) if spec.search.kind == "grid" else []

@@ -1,28 +1,40 @@
-"""MLflow for sweeps: one parent run per sweep, one child run per trial, logged from the driver only.
+"""MLflow as a projection of the sweep folder (msae.sweep.layout), written by the driver only.
 
-Child runs are found again by the tags ``msae.sweep_id`` + ``msae.trial_key`` (never by in-memory
-ids), so trial retries and sweep resumes reuse them instead of creating duplicates.
+The folder is the record; :class:`SweepTracker` makes the tracking store agree with it, one trial
+at a time (``sync``): find or create the trial's child run (by the tags ``msae.sweep_id`` +
+``msae.trial_key``, never by in-memory ids), log the epochs it has not logged yet, then the final
+artifacts and the status. Syncing again changes nothing, so a driver restart, a trial retry or an
+unreachable server never duplicates or loses anything: :class:`BackgroundSync` keeps syncing from
+a background thread, retrying with backoff while the store is away, and training goes on.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from ray.tune import Callback
-
+from msae import atomic
 from msae.errors import MsaeError
+from msae.sweep.layout import SweepDir
 
 SWEEP_TAG, KEY_TAG, KIND_TAG = "msae.sweep_id", "msae.trial_key", "msae.kind"
-PARENT_TAG = "mlflow.parentRunId"
-_STRING_RESULTS = ("node_id", "data_mapping", "failure")
-_SKIP = {"curve", "final", "done", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
-         "time_since_restore", "iterations_since_restore", "trial_id", "date", "hostname", "node_ip",
-         "checkpoint_dir_name", "should_checkpoint", "config"}
+PARENT_TAG, NOTE_TAG = "mlflow.parentRunId", "mlflow.note.content"
+# MLflow 3 opens an experiment of this kind on its model-training runs view (not the GenAI overview).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+# What a researcher compares across runs: logged as MLflow metrics. Everything else a trial
+# measures goes to the run's diagnostics.json artifact (and a few strings to tags).
+EPOCH_METRICS = ("train_loss", "train_l0", "lr_schedule", "dead_fraction_train")
+HEADLINE = ("fvu", "fvu_dataset", "cosine", "l0", "zero_fraction", "dead_fraction", "nmse")
+PER_CACHE = ("fvu", "fvu_dataset", "cosine", "l0", "dead_fraction")
+FINAL_METRICS = ("cknna_recon", "decoder_orthogonality", "probe_kl", "probe_agreement", "named_latents")
+STRING_TAGS = ("node_id", "data_access", "data_mapping")
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -45,34 +57,20 @@ def check_tracking_uri(uri: str) -> None:
     raise MsaeError(f"tracking.uri {uri}: expected sqlite:///FILE, http(s)://HOST:PORT or a database URI")
 
 
-def client(uri: str):
+def quiet_mlflow() -> None:
+    """Keep MLflow's store set-up chatter (table creation, migrations) out of the terminal, and its
+    HTTP retries short: a dead server fails a call within seconds instead of hanging."""
+    for name in ("mlflow", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+def mlflow_client(uri: str):
     from mlflow.tracking import MlflowClient
+    quiet_mlflow()
     return MlflowClient(tracking_uri=uri)
-
-
-def experiment_id(c, name: str) -> str:
-    exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else c.create_experiment(name)
-
-
-def find_run(c, exp_id: str, tags: dict[str, str]):
-    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = c.search_runs([exp_id], filter_string=flt, max_results=2, order_by=["attributes.start_time ASC"])
-    return runs[0] if runs else None
-
-
-def parent_run(c, exp_id: str, sweep_id: str, spec_text: str, spec_name: str) -> str:
-    """The sweep's parent run: found by its sweep id, or created with the spec and the git commit."""
-    run = find_run(c, exp_id, {SWEEP_TAG: sweep_id, KIND_TAG: "sweep"})
-    if run is not None:
-        c.update_run(run.info.run_id, status="RUNNING")
-        return run.info.run_id
-    run = c.create_run(exp_id, run_name=sweep_id, tags={SWEEP_TAG: sweep_id, KIND_TAG: "sweep", "msae.spec": spec_name,
-                                                         "mlflow.source.git.commit": git_commit()})
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "spec.yaml").write_text(spec_text)
-        c.log_artifact(run.info.run_id, str(Path(tmp) / "spec.yaml"))
-    return run.info.run_id
 
 
 def git_commit() -> str:
@@ -84,188 +82,23 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _numeric(result: dict[str, Any]) -> dict[str, float]:
+def mlflow_metrics(result: dict[str, Any], caches: list[str]) -> dict[str, float]:
+    """The comparison metrics of one reported result (see EPOCH_METRICS ... FINAL_METRICS)."""
+    names = list(EPOCH_METRICS) + list(HEADLINE) + list(FINAL_METRICS)
+    names += [f"{c}/{m}" for c in caches for m in PER_CACHE]
+    names += [k for k in result if k.startswith("recovery")]
     out = {}
-    for k, v in result.items():
-        if k in _SKIP or isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue
-        if v == v and abs(v) != float("inf"):
+    for k in names:
+        v = result.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf"):
             out[k] = float(v)
     return out
 
 
-class MlflowSweepCallback(Callback):
-    """A Tune callback (driver side). Picklable: the client is made lazily, the trial->run map is rebuilt
-    from tags after a restore."""
-
-    def __init__(self, uri: str, exp_id: str, parent_id: str, sweep_id: str, sweep_dir: str):
-        self.uri, self.exp_id, self.parent_id, self.sweep_id = uri, exp_id, parent_id, sweep_id
-        self.sweep_dir = sweep_dir
-        self._c = None
-        self._runs: dict[str, str] = {}
-        self._finished: set[str] = set()
-        self._logged: dict[str, int] = {}  # run id -> last epoch logged (a restarted trial repeats epochs)
-
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_c", "_runs", "_finished", "_logged")}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, _c=None, _runs={}, _finished=set(), _logged={})
-
-    @property
-    def c(self):
-        if self._c is None:
-            self._c = client(self.uri)
-        return self._c
-
-    def run_id(self, trial) -> str:
-        from msae.sweep.space import trial_params
-
-        if trial.trial_id.startswith("done:"):
-            return trial.trial_id[5:]
-        if trial.trial_id in self._runs:
-            return self._runs[trial.trial_id]
-        p = trial_params(trial.config)
-        run = find_run(self.c, self.exp_id, {SWEEP_TAG: self.sweep_id, KEY_TAG: p["key"]})
-        if run is None:
-            run = self.c.create_run(self.exp_id, run_name=p["key"], tags={
-                SWEEP_TAG: self.sweep_id, KEY_TAG: p["key"], KIND_TAG: "trial", PARENT_TAG: self.parent_id,
-                "msae.method": p["method"], "msae.ray_trial_id": trial.trial_id})
-            from mlflow.entities import Param
-            self.c.log_batch(run.info.run_id, params=[Param(k, json.dumps(v) if isinstance(v, list) else str(v))
-                                                      for k, v in p.items() if k != "key"])
-        elif run.info.status == "FINISHED" or run.data.tags.get("msae.failure_reason"):
-            self._finished.add(run.info.run_id)
-        else:
-            hist = self.c.get_metric_history(run.info.run_id, "train_loss")
-            self._logged[run.info.run_id] = max((h.step for h in hist), default=0)
-            self._backfill(run.info.run_id, p["key"])
-        self._runs[trial.trial_id] = run.info.run_id
-        return run.info.run_id
-
-    def _backfill(self, rid: str, key: str) -> None:
-        """Log the epochs a trial reported that the driver did not log before it was restarted."""
-        from msae.sweep.trial import history_file
-
-        path = history_file(self.sweep_dir, key)
-        if not path.is_file():
-            return
-        for line in path.read_text().splitlines():
-            try:
-                result = json.loads(line)
-            except json.JSONDecodeError:  # a line cut off by a crash
-                continue
-            if not result.get("final") and int(result.get("epoch", 0)) > self._logged.get(rid, 0):
-                self._log_epoch(rid, result)
-
-    # Tune callback hooks ------------------------------------------------------------------
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        rid = self.run_id(trial)
-        if rid not in self._finished:
-            self.c.update_run(rid, status="RUNNING")
-            self.c.set_tag(rid, "msae.ray_trial_id", trial.trial_id)
-
-    on_trial_restore = on_trial_start
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        rid = self.run_id(trial)
-        if rid in self._finished:
-            return
-        from msae.sweep.space import trial_params
-
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
-        if step <= self._logged.get(rid, 0) and not result.get("final"):
-            return  # an epoch logged before the trial restarted: keep the first record
-        self._log_epoch(rid, result)
-        if result.get("final"):
-            self._finish(rid, trial_params(trial.config)["key"], result)
-
-    def _log_epoch(self, rid: str, result: dict) -> None:
-        from mlflow.entities import Metric, RunTag
-
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
-        self._logged[rid] = max(step, self._logged.get(rid, 0))
-        ts = int(result.get("timestamp", time.time()) * 1000)
-        metrics = [Metric(k, v, ts, step) for k, v in _numeric(result).items()]
-        tags = [RunTag(f"msae.{k}", str(result[k])[:5000]) for k in _STRING_RESULTS if k in result]
-        if result.get("curve"):
-            for point in json.loads(result["curve"]):
-                metrics += [Metric(f"curve/{m}", float(point[m]), ts, int(point["k"])) for m in ("l0", "fvu", "cosine")]
-        for s in range(0, len(metrics), 900):
-            self.c.log_batch(rid, metrics=metrics[s:s + 900], tags=tags if s == 0 else [])
-
-    def reconcile(self, result_grid) -> None:
-        """After fit(): close runs whose trial Tune already counted as done before a driver restart
-        (the driver can die between Tune's state snapshot and this callback)."""
-        from msae.sweep.space import trial_params
-
-        for r in result_grid:
-            key = trial_params(r.config)["key"]
-            run = find_run(self.c, self.exp_id, {SWEEP_TAG: self.sweep_id, KEY_TAG: key})
-            if run is None or run.info.status != "RUNNING":
-                continue
-            metrics = r.metrics or {}
-            if r.error is not None:
-                self.c.set_tag(run.info.run_id, "msae.failure_reason", str(r.error).splitlines()[-1][:5000])
-                self.c.set_terminated(run.info.run_id, status="FAILED")
-            elif metrics.get("final"):
-                self._logged[run.info.run_id] = 0
-                self.on_trial_result(0, [], _Done(r, run.info.run_id), metrics)
-            else:
-                self.c.set_tag(run.info.run_id, "msae.stopped_early", "true")
-                self.c.set_terminated(run.info.run_id, status="FINISHED")
-
-    def _finish(self, rid: str, key: str, result: dict) -> None:
-        from msae.sweep.trial import final_sae_dir
-
-        if result.get("diverged"):
-            self.c.set_tag(rid, "msae.failure_reason", result.get("failure", "diverged"))
-            self.c.set_terminated(rid, status="FAILED")
-        else:
-            sae = final_sae_dir(self.sweep_dir, key)
-            if sae.is_dir():
-                self.c.log_artifacts(rid, str(sae), artifact_path="sae")
-            self.c.set_terminated(rid, status="FINISHED")
-        self._finished.add(rid)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        rid = self.run_id(trial)
-        if rid in self._finished:
-            return
-        # completed without a final result: stopped early by the scheduler
-        self.c.set_tag(rid, "msae.stopped_early", "true")
-        self.c.set_terminated(rid, status="FINISHED")
-        self._finished.add(rid)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        rid = self.run_id(trial)
-        reason = _error_text(trial)
-        self.c.set_tag(rid, "msae.failure_reason", reason[:5000])
-        self.c.set_terminated(rid, status="FAILED")
-        self._finished.add(rid)
-
-
-class _Done:
-    """The parts of a Tune trial that the callback reads, from a finished trial's Result."""
-
-    def __init__(self, result, run_id: str):
-        self.config, self.trial_id = result.config, f"done:{run_id}"
-
-
-def _error_text(trial) -> str:
-    path = getattr(trial, "error_file", None) or ""
-    try:
-        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
-        return lines[-1] if lines else "trial failed"
-    except OSError:
-        return "trial failed"
-
-
-def child_runs(c, exp_id: str, sweep_id: str) -> list:
+def child_runs(client, exp_id: str, sweep_id: str) -> list:
     out, token = [], None
     while True:
-        page = c.search_runs([exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`{KIND_TAG}` = 'trial'",
+        page = client.search_runs([exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`{KIND_TAG}` = 'trial'",
                              max_results=1000, page_token=token)
         out += list(page)
         token = page.token
@@ -273,7 +106,260 @@ def child_runs(c, exp_id: str, sweep_id: str) -> list:
             return out
 
 
-def tracking_env() -> dict[str, str]:
-    """Keep MLflow's HTTP retries short so that a dead server fails a call instead of hanging."""
-    return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"),
-            "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")}
+class SweepTracker:
+    """The MLflow side of one sweep: its experiment, parent run and child runs."""
+
+    def __init__(self, uri: str, experiment: str, sweep: SweepDir, caches: list[str]):
+        self.uri, self.experiment, self.sweep, self.caches = uri, experiment, sweep, caches
+        self._client = None
+        self.exp_id: str | None = None
+        self.parent_id: str | None = None
+        self.runs: dict[str, str] = {}  # trial key -> run id
+        self._logged: dict[str, int] = {}  # trial key -> last epoch logged
+        self._status: dict[str, str] = {}  # trial key -> run status as last set
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = mlflow_client(self.uri)
+        return self._client
+
+    def _find(self, tags: dict[str, str]):
+        flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([self.exp_id], filter_string=flt, max_results=2, order_by=["attributes.start_time ASC"])
+        return runs[0] if runs else None
+
+    # ---------------------------------------------------------------- the sweep's parent run
+    def open(self, spec_text: str, spec_name: str, params: dict[str, Any]) -> str:
+        """Experiment (of the model-training kind) and the sweep's parent run, found or created."""
+        from mlflow.entities import Param
+
+        exp = self.client.get_experiment_by_name(self.experiment)
+        self.exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(
+            self.experiment, tags={EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]})
+        if exp is not None and exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+            self.client.set_experiment_tag(self.exp_id, *EXPERIMENT_KIND)
+        sid = self.sweep.sweep_id
+        run = self._find({SWEEP_TAG: sid, KIND_TAG: "sweep"})
+        if run is not None:
+            self.parent_id = run.info.run_id
+            self.client.update_run(self.parent_id, status="RUNNING")
+            return self.parent_id
+        run = self.client.create_run(self.exp_id, run_name=sid, tags={
+            SWEEP_TAG: sid, KIND_TAG: "sweep", "msae.spec": spec_name, "mlflow.source.git.commit": git_commit(),
+            NOTE_TAG: f"msae sweep `{sid}` of spec `{spec_name}`: running. The Pareto front appears here when it ends."})
+        self.parent_id = run.info.run_id
+        self.client.log_batch(self.parent_id, params=[Param(k, str(v)) for k, v in params.items()])
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "spec.yaml").write_text(spec_text)
+            self.client.log_artifact(self.parent_id, str(Path(tmp) / "spec.yaml"))
+        return self.parent_id
+
+    def set_parent(self, status: str) -> None:
+        if status == "RUNNING":
+            self.client.update_run(self.parent_id, status="RUNNING")
+        else:
+            self.client.set_terminated(self.parent_id, status=status)
+
+    def log_fronts(self, fronts: dict[str, Any], note: str) -> None:
+        """The fronts (the sweep folder's pareto/) on the parent run: artifacts, hypervolume metrics,
+        the run ids of the overall front, and a description holding the front table."""
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        self.client.log_artifacts(self.parent_id, str(self.sweep.pareto_dir), artifact_path="pareto")
+        metrics = [Metric(f"hv/{name}", fr["hypervolume_fraction"], now, 0) for name, fr in fronts["fronts"].items()]
+        front = fronts["fronts"].get("all/fvu", {"trials": []})["trials"]
+        run_ids = ",".join(self.runs[k] for k in front if k in self.runs)
+        self.client.log_batch(self.parent_id, metrics=metrics,
+                         tags=[RunTag("msae.front_run_ids", run_ids[:5000]), RunTag(NOTE_TAG, note)])
+
+    # ---------------------------------------------------------------- one trial's child run
+    def _run(self, key: str, record: dict[str, Any]) -> str:
+        from mlflow.entities import Param
+
+        if key in self.runs:
+            return self.runs[key]
+        run = self._find({SWEEP_TAG: self.sweep.sweep_id, KEY_TAG: key})
+        if run is None:
+            run = self.client.create_run(self.exp_id, run_name=record.get("run_name", key), tags={
+                SWEEP_TAG: self.sweep.sweep_id, KEY_TAG: key, KIND_TAG: "trial", PARENT_TAG: self.parent_id,
+                "msae.method": record["method"]})
+            sae, train = record.get("sae", {}), record.get("train", {})
+            params = {**record["params"], "n": sae.get("n"), "d": sae.get("d"), "epochs": train.get("epochs"),
+                      "batch_size": train.get("batch_size"), "seed": train.get("seed"), "loss": train.get("loss")}
+            self.client.log_batch(run.info.run_id, params=[Param(k, json.dumps(v) if isinstance(v, list) else str(v))
+                                                      for k, v in params.items() if v is not None])
+            self._logged[key], self._status[key] = 0, "RUNNING"
+        else:
+            hist = self.client.get_metric_history(run.info.run_id, "train_loss")
+            self._logged[key] = max((h.step for h in hist), default=0)
+            self._status[key] = run.info.status
+        self.runs[key] = run.info.run_id
+        return run.info.run_id
+
+    def sync(self, key: str, interrupted: bool = False) -> None:
+        """Make trial ``key``'s run agree with the sweep folder (idempotent)."""
+        from mlflow.entities import Metric, RunTag
+
+        record = self.sweep.trial(key)
+        if record is None:
+            return
+        rid = self._run(key, record)
+        for h in self.sweep.history(key):
+            epoch = int(h["epoch"])
+            if epoch <= self._logged[key]:
+                continue
+            ts = int(h.get("time", time.time()) * 1000)
+            metrics = [Metric(k, v, ts, epoch) for k, v in mlflow_metrics(h, self.caches).items()]
+            tags = [RunTag(f"msae.{k}", str(h[k])[:5000]) for k in STRING_TAGS if k in h]
+            # train_loss last: once it is logged at this epoch, everything of the epoch is
+            metrics.sort(key=lambda m: m.key == "train_loss")
+            for s in range(0, len(metrics), 900):
+                self.client.log_batch(rid, metrics=metrics[s:s + 900], tags=tags if s == 0 else [])
+            self._logged[key] = epoch
+        status, tags = self._wanted(key, interrupted)
+        if status == self._status.get(key):
+            return
+        for name, value in tags.items():
+            self.client.set_tag(rid, name, value)
+        if status == "RUNNING" and self._status.get(key) in ("FAILED", "KILLED"):  # retried or resumed
+            for name in ("msae.failure_reason", "msae.interrupted"):
+                try:
+                    self.client.delete_tag(rid, name)
+                except Exception:  # MLflow raises when the tag is not there
+                    pass
+        if status == "FINISHED" and (self.sweep.result(key) or {}).get("status") == "finished":
+            self._log_final_artifacts(rid, key, record)
+        if status == "RUNNING":
+            self.client.update_run(rid, status="RUNNING")
+        else:
+            self.client.set_terminated(rid, status=status)
+        self._status[key] = status
+
+    def _wanted(self, key: str, interrupted: bool) -> tuple[str, dict[str, str]]:
+        result, error = self.sweep.result(key), self.sweep.error(key)
+        if result is not None:
+            if result.get("status") == "diverged":
+                return "FAILED", {"msae.failure_reason": f"diverged: {result.get('failure', '')}"[:5000]}
+            if result.get("status") == "stopped_early":
+                return "FINISHED", {"msae.stopped_early": "true"}
+            return "FINISHED", {}
+        if error is not None:
+            return "FAILED", {"msae.failure_reason": error[:5000]}
+        return ("KILLED", {"msae.interrupted": "true"}) if interrupted else ("RUNNING", {})
+
+    def _log_final_artifacts(self, rid: str, key: str, record: dict[str, Any]) -> None:
+        """The final SAE, its k-curve (PNG + JSON) and every diagnostic, as artifacts."""
+        from msae.sweep.plots import plot_curve
+
+        sae = self.sweep.final_sae(key)
+        if sae.is_dir():
+            self.client.log_artifacts(rid, str(sae), artifact_path="sae")
+        result = self.sweep.result(key) or {}
+        metrics = result.get("metrics", {})
+        logged = set(mlflow_metrics(metrics, self.caches))
+        diagnostics = {"final": {k: v for k, v in metrics.items() if k not in logged},
+                       "epochs": [{k: v for k, v in h.items() if k not in set(mlflow_metrics(h, self.caches))}
+                                  for h in self.sweep.history(key)]}
+        with tempfile.TemporaryDirectory() as tmp:
+            atomic.write_json(Path(tmp) / "diagnostics.json", diagnostics)
+            curve = result.get("curve") or []
+            if curve:
+                atomic.write_json(Path(tmp) / "curve.json", curve)
+                own = {k: metrics[k] for k in ("l0", "fvu", "cosine")} if all(k in metrics for k in ("l0", "fvu", "cosine")) else None
+                plot_curve(curve, own, f"{record.get('run_name', key)}: progressive recovery", Path(tmp) / "curve.png")
+            self.client.log_artifacts(rid, tmp)
+
+
+class BackgroundSync:
+    """Keeps the tracking store in step with the sweep folder from one background thread.
+
+    ``request(key)`` never blocks. While the store is unreachable, requests wait (their data is
+    safe in the sweep folder), the thread retries with backoff (1 s doubling to 60 s) and says so
+    through ``say``; when the store is back everything pending is logged.
+    """
+
+    def __init__(self, tracker: SweepTracker, say: Callable[[str], None]):
+        self.tracker, self.say = tracker, say
+        self.interrupted = False
+        self._pending: set[str] = set()
+        self._clientv = threading.Condition()
+        self._stop = False
+        self._busy = False
+        self._failing: str | None = None
+        self._thread = threading.Thread(target=self._loop, name="msae-tracking", daemon=True)
+        self._thread.start()
+
+    def request(self, key: str) -> None:
+        with self._clientv:
+            self._pending.add(key)
+            self._clientv.notify_all()
+
+    def pending(self) -> set[str]:
+        with self._clientv:
+            return set(self._pending)
+
+    @property
+    def failing(self) -> str | None:
+        return self._failing
+
+    def _loop(self) -> None:
+        delay = 1.0
+        while True:
+            with self._clientv:
+                while not self._pending and not self._stop:
+                    self._clientv.wait()
+                if self._stop:
+                    return
+                keys = sorted(self._pending)
+                self._busy = True
+            try:
+                for key in keys:
+                    with self._clientv:
+                        self._pending.discard(key)
+                    try:
+                        self.tracker.sync(key, self.interrupted)
+                    except BaseException:
+                        with self._clientv:
+                            self._pending.add(key)
+                        raise
+                if self._failing is not None:
+                    self.say(f"tracking store {self.tracker.uri} is back; logged what was waiting")
+                self._failing, delay = None, 1.0
+            except Exception as e:  # MLflow raises many types for an unreachable or failing store
+                problem = (str(e).splitlines() or [type(e).__name__])[0][:200]
+                if self._failing is None:
+                    self.say(f"tracking store {self.tracker.uri} unreachable ({problem}); training goes on, "
+                             f"{len(self.pending())} trial(s) waiting to be logged (safe in {self.tracker.sweep.root})")
+                self._failing = problem
+                with self._clientv:
+                    self._clientv.wait(timeout=delay)
+                delay = min(delay * 2, 60.0)
+            finally:
+                with self._clientv:
+                    self._busy = False
+                    self._clientv.notify_all()
+
+    def drain(self, timeout: float, tick: float = 30.0) -> bool:
+        """Wait until nothing is pending (True) or ``timeout`` seconds pass (False), saying every
+        ``tick`` seconds what is still waiting."""
+        deadline = time.monotonic() + timeout
+        next_note = time.monotonic() + tick
+        with self._clientv:
+            while self._pending or self._busy:
+                now = time.monotonic()
+                if now >= deadline:
+                    return False
+                if now >= next_note and self._failing:
+                    self.say(f"waiting for tracking store {self.tracker.uri}: {len(self._pending)} trial(s) "
+                             f"pending, {deadline - now:.0f} s left")
+                    next_note = now + tick
+                self._clientv.wait(timeout=min(1.0, deadline - now))
+        return True
+
+    def close(self) -> None:
+        with self._clientv:
+            self._stop = True
+            self._clientv.notify_all()
+        self._thread.join(timeout=5)

@@ -1,23 +1,16 @@
-"""One Ray Tune trial: train one SAE on the shared cache arrays, report every epoch with a checkpoint.
+"""One Ray Tune trial: train one SAE, report every epoch, keep its state in the sweep folder.
 
-The arrays arrive through ``tune.with_parameters`` (the object store): read-only, zero-copy views.
-
-State on the sweep's storage path (reached by every node):
-- ``trials/KEY/``: the trial's latest training state (SAE, optimiser, epoch), replaced atomically
-  after every epoch. A trial that starts again (retry, sweep resume) continues from it.
-- ``trials/KEY.history.jsonl``: every result the trial reported (for the driver's MLflow logging).
-- ``results/KEY.json`` and ``results/KEY.sae/``: the final result and the final SAE checkpoint. A
-  trial that finds them reports the result again and trains nothing.
-The Tune checkpoint of every epoch records only the epoch; Tune keeps them all (they are tiny), so a
-restored experiment never points at a deleted checkpoint.
+A trial that starts (first time, retry after a crash, sweep resume) continues from its latest
+saved epoch; one that finds its result reports it again and trains nothing. Per epoch, in this
+order: append the result to the history (fsynced), report it to Tune, then save the training
+state; a trial stopped in between repeats that epoch (logged once), never skips it.
+Diagnostics (memory probes) and fault injection are optional hooks (:class:`Hooks`).
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +19,224 @@ import torch
 
 from msae import checkpoint
 from msae.evaluate import evaluate, progressive_ks
-from msae.sae import create_sae
-from msae.sweep.space import sae_config, trial_params, train_config
-from msae.sweep.spec import SweepSpec
-from msae.train import DivergedError, Trainer, fit
+from msae.sae import create_sae, method_of
+from msae.sweep.layout import SAE_DIR, TRAINER_STATE, SweepDir
+from msae.sweep.shared import SweepData, open_shared
+from msae.sweep.space import Trial, TrialFactory
+from msae.train import DivergedError, EpochRecord, Trainer, fit
 
-TRAINER_STATE = "trainer.pt"
-SAE_DIR = "sae"
 HEADLINE = ("fvu", "fvu_dataset", "cosine", "l0", "zero_fraction", "dead_fraction", "nmse")
-CRASH_ENV = "MSAE_INJECT_CRASH"  # "KEY@EPOCH:MARKER_DIR": trial KEY crashes once after reporting EPOCH (fault injection)
+CRASH_ENV = "MSAE_INJECT_CRASH"  # "KEY@EPOCH:MARKER_DIR": trial KEY crashes once after reporting EPOCH
+DIAGNOSTICS_ENV = "MSAE_DIAGNOSTICS"  # "memory": measure the trial's private memory around the shared data
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of one sweep shares (sent once through ``tune.with_parameters``)."""
+
+    sweep_dir: str
+    sweep_id: str
+    data: SweepData
+    trials: TrialFactory
+    epoch_eval_rows: int | None
+    progressive: bool
+    threads: int
+    gpu_fraction: float
+
+
+def run_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
+    """The Tune function trainable."""
+    TrialRunner(setup.trials.from_tune(config), setup).run()
+
+
+class TrialRunner:
+    def __init__(self, trial: Trial, setup: TrialSetup):
+        self.trial, self.setup = trial, setup
+        self.sweep = SweepDir(Path(setup.sweep_dir))
+        self.key = trial.key
+        self.hooks = Hooks.from_env(self.key)
+
+    # ---------------------------------------------------------------- the story
+    def run(self) -> None:
+        from ray import tune
+
+        done = self.sweep.result(self.key)
+        if done is not None:  # finished before a resume or a retry: report it again, train nothing
+            tune.report(self.tune_metrics(done.get("metrics", {}), final=True))
+            return
+        torch.set_num_threads(max(1, self.setup.threads))
+        self.hooks.start()
+        train, self.evals, how = self.open_data()
+        self.hooks.data_opened(train, how)
+        sae, trainer, resumed = self.resume()
+        self.sae, self.resumed = sae, resumed
+        rows = self.setup.epoch_eval_rows
+        epoch_evals = {name: arr[:rows] if rows else arr for name, arr in self.evals.items()}
+        self.hooks.training_starts()
+        try:
+            fit(sae, train, self.trial.train, epoch_evals, on_epoch=self.report_epoch, progress=False,
+                trainer=trainer, fit_stats=False, device_share=self.setup.gpu_fraction or 1.0)
+        except DivergedError as e:
+            self.sweep.write_result(self.key, {"status": "diverged", "failure": str(e), "metrics": {}})
+            self.sweep.drop_state(self.key)
+            tune.report({"diverged": 1, "final": 1})
+
+    def open_data(self) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
+        data, sid = self.setup.data, self.setup.sweep_id
+        train, how = open_shared(data.train, data.share, sid)
+        evals = {name: open_shared(ref, data.share, sid)[0] for name, ref in data.evals.items()}
+        return train, evals, how
+
+    def resume(self) -> tuple[Any, Trainer | None, bool]:
+        """A fresh SAE with the sweep's preprocessing, or the trial's latest saved state."""
+        device = self.device()
+        saved = self.sweep.latest_state(self.key)
+        if saved is None:
+            sae = create_sae(self.trial.sae, self.trial.train.seed)
+            pp = self.setup.data.preprocessing
+            sae.set_preprocessing(torch.from_numpy(pp.mean), pp.scale)
+            return sae, None, False
+        sae = checkpoint.load(saved / SAE_DIR, device=torch.device(device))
+        trainer = Trainer(sae, self.trial.train)
+        trainer.load_state_dict(torch.load(saved / TRAINER_STATE, weights_only=True, map_location=device))
+        return sae, trainer, True
+
+    def device(self) -> str:
+        """CUDA when this trial was given a GPU, else the CPU."""
+        import ray
+        return "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+
+    def report_epoch(self, rec: EpochRecord, trainer: Trainer) -> None:
+        from ray import tune
+
+        final = rec.epoch == self.trial.train.epochs
+        metrics = self.epoch_metrics(rec)
+        if final:
+            final_metrics, curve = self.final_metrics()
+            metrics.update(final_metrics)
+            self.save_final(metrics, curve)
+        self.sweep.append_history(self.key, metrics)
+        tune.report(self.tune_metrics(metrics, final))
+        if final:
+            self.sweep.drop_state(self.key)
+        else:
+            self.sweep.save_state(self.key, lambda folder: self.write_state(folder, trainer), rec.epoch)
+        self.hooks.after_report(rec.epoch)
+
+    # ---------------------------------------------------------------- the pieces
+    def epoch_metrics(self, rec: EpochRecord) -> dict[str, Any]:
+        metrics = rec.flat()
+        primary = self.setup.data.primary
+        metrics.update({k: rec.eval[primary][k] for k in HEADLINE if k in rec.eval.get(primary, {})})
+        metrics.update(resumed=int(self.resumed), time=time.time())
+        metrics.update(self.hooks.epoch_diagnostics())
+        return metrics
+
+    def final_metrics(self) -> tuple[dict[str, Any], list[dict[str, float]]]:
+        """Every metric on every evaluation set (all rows) and, on the primary set, the
+        progressive-recovery curve of methods where it is meaningful; recovery with ground truth."""
+        from msae.synthetic import recovery_score
+
+        out: dict[str, Any] = {"final": 1}
+        curve: list[dict[str, float]] = []
+        primary = self.setup.data.primary
+        progressive = self.setup.progressive and method_of(self.trial.method).progressive
+        for name, arr in self.evals.items():
+            ks: list[int | None] = [None] + (progressive_ks(self.sae.n) if name == primary and progressive else [])
+            res = evaluate(self.sae, arr, ks, batch_size=self.trial.train.batch_size)
+            out.update({f"{name}/{k}": v for k, v in res["own"].items()})
+            if name == primary:
+                out.update({k: res["own"][k] for k in HEADLINE})
+                out.update({k: res["own"][k] for k in ("cknna_recon", "decoder_orthogonality") if k in res["own"]})
+                curve = [{"k": int(key), **{m: float(r[m]) for m in ("l0", "fvu", "cosine")}}
+                         for key, r in res.items() if key != "own"]
+        truth = self.setup.data.truth
+        if truth is not None:
+            out.update(recovery_score(self.sae.W_dec.detach().cpu().numpy(), truth))
+        out.update(self.hooks.final_diagnostics())
+        return out, curve
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        return {"train": self.trial.train.to_dict(), "preprocessing": self.setup.data.preprocessing.record(),
+                "data": {"sweep": self.setup.sweep_id, "trial": self.key, "train": self.setup.data.train.path,
+                         "rows": self.setup.data.train.rows, "fingerprint": self.setup.data.train.fingerprint}}
+
+    def save_final(self, metrics: dict[str, Any], curve: list[dict[str, float]]) -> None:
+        """The final SAE (with metrics.json) and the result; written before the final report."""
+        target = self.sweep.final_sae(self.key)
+        if target.exists():  # left by an attempt that died before writing its result
+            import shutil
+            shutil.rmtree(target)
+        checkpoint.save(self.sae, target, files={"metrics.json": {"final": metrics, "curve": curve}},
+                        **self.checkpoint_info())
+        self.sweep.write_result(self.key, {"status": "finished", "epoch": int(metrics["epoch"]), "metrics": metrics,
+                                           "curve": curve})
+
+    def write_state(self, folder: Path, trainer: Trainer) -> None:
+        checkpoint.save(self.sae, folder / SAE_DIR, **self.checkpoint_info())
+        torch.save(trainer.state_dict(), folder / TRAINER_STATE)
+
+    @staticmethod
+    def tune_metrics(metrics: dict[str, Any], final: bool) -> dict[str, Any]:
+        """What Tune sees (schedulers, Optuna, the driver's callbacks): numbers only."""
+        out = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if final:
+            out["final"] = 1
+        return out
+
+
+class Hooks:
+    """Optional per-trial behaviour, switched on by environment variables of the driver
+    (forwarded to the workers): memory diagnostics and fault injection (tests)."""
+
+    def __init__(self, key: str, memory: bool, crash: tuple[str, int, Path] | None):
+        self.key, self.memory, self.crash = key, memory, crash
+        self.anon0 = self.steady = 0
+        self.data: dict[str, Any] = {}
+
+    @classmethod
+    def from_env(cls, key: str) -> "Hooks":
+        crash = None
+        spec = os.environ.get(CRASH_ENV)
+        if spec:
+            target, rest = spec.split("@", 1)
+            at, marker_dir = rest.split(":", 1)
+            crash = (target, int(at), Path(marker_dir))
+        return cls(key, os.environ.get(DIAGNOSTICS_ENV) == "memory", crash)
+
+    def start(self) -> None:
+        if self.memory:
+            self.anon0 = _rss_anon()
+
+    def training_starts(self) -> None:
+        self.data["train_start"] = time.time()  # the moment before the first step (bench/scale.py)
+
+    def data_opened(self, train: np.ndarray, how: str) -> None:
+        self.data.update(data_access=how)
+        if self.memory:  # touch every value: a private copy would show up as anonymous memory
+            checksum = float(train.sum(dtype=np.float64))
+            self.data.update(data_checksum=checksum, data_mb=train.nbytes / 2**20,
+                             data_touch_private_mb=(_rss_anon() - self.anon0) / 2**20, data_mapping=_mapping_of(train))
+
+    def epoch_diagnostics(self) -> dict[str, Any]:
+        out = {"node_id": _node_id(), **self.data}
+        if self.memory:
+            self.steady = self.steady or _rss_anon()  # steady state starts after the first epoch
+            out["private_mb"] = _rss_anon() / 2**20
+        return out
+
+    def final_diagnostics(self) -> dict[str, Any]:
+        return {"private_growth_mb": (_rss_anon() - self.steady) / 2**20} if self.memory else {}
+
+    def after_report(self, epoch: int) -> None:
+        if self.crash is None:
+            return
+        target, at, marker_dir = self.crash
+        marker = marker_dir / self.key
+        if self.key == target and epoch == at and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(str(time.time()))
+            raise RuntimeError(f"injected crash after epoch {at} ({CRASH_ENV})")
 
 
 def _rss_anon() -> int:
@@ -59,166 +261,6 @@ def _mapping_of(arr: np.ndarray) -> str:
     except OSError:
         pass
     return "unknown"
-
-
-def _plain(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
-    return {f"{prefix}{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)}
-
-
-def _device() -> str:
-    """CUDA when this trial was given a GPU, else the CPU."""
-    import ray
-    return "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-
-
-def _final_metrics(sae, evals: dict[str, np.ndarray], primary: str | None, spec: SweepSpec,
-                   truth: dict | None) -> tuple[dict[str, float], list[dict[str, float]]]:
-    out: dict[str, float] = {}
-    curve: list[dict[str, float]] = []
-    for name, arr in evals.items():
-        ks: list[int | None] = [None]
-        if name == primary and spec.training.progressive and sae.cfg.method != "relu":
-            ks += progressive_ks(sae.n)
-        res = evaluate(sae, arr, ks, batch_size=spec.training.batch_size)
-        out.update(_plain(f"{name}/", res["own"]))
-        if name == primary:
-            out.update(_plain("", {k: res["own"][k] for k in HEADLINE if k in res["own"]}))
-            curve = [{"k": int(key), **{m: float(r[m]) for m in ("l0", "fvu", "cosine")}}
-                     for key, r in res.items() if key != "own"]
-    if truth is not None:
-        from msae.synthetic import GroundTruth, recovery_score
-        gt = GroundTruth(truth["dictionary"], truth["level"], truth["parent"])
-        out.update(recovery_score(sae.W_dec.detach().cpu().numpy(), gt))
-    return out, curve
-
-
-def run_trial(config: dict[str, Any], *, train: np.ndarray, evals: dict[str, np.ndarray], setup: dict[str, Any]) -> None:
-    """The Tune function trainable. ``setup``: spec (dict), sweep_dir, primary eval name, truth arrays."""
-    from ray import tune
-
-    anon0 = _rss_anon()
-    spec = SweepSpec.model_validate(setup["spec"])
-    p = trial_params(config)
-    key = p["key"]
-    done = Path(setup["sweep_dir"]) / "results" / f"{key}.json"
-    if done.is_file():  # finished before a resume: report the stored result, train nothing
-        tune.report(json.loads(done.read_text()))
-        return
-    torch.set_num_threads(max(1, int(setup.get("threads", 1))))
-    # zero-copy check: touch every value; a private copy would show up as anonymous memory
-    checksum = float(train.sum(dtype=np.float64))
-    memory = {"data_touch_private_mb": (_rss_anon() - anon0) / 2**20, "data_mb": train.nbytes / 2**20,
-              "data_checksum": checksum, "data_mapping": _mapping_of(train)}
-    device = _device()
-    scfg, tcfg = sae_config(p, train.shape[1], spec.expansion), train_config(p, spec, device)
-    sae = create_sae(scfg, tcfg.seed)
-    trainer = None
-    state_dir = Path(setup["sweep_dir"]) / "trials" / key
-    saved = _latest_state(state_dir)
-    if saved is not None:
-        sae = checkpoint.load(saved / SAE_DIR, device=torch.device(device))
-        trainer = Trainer(sae, tcfg)
-        trainer.load_state_dict(torch.load(saved / TRAINER_STATE, weights_only=True, map_location=device))
-    rows = spec.training.epoch_eval_rows
-    epoch_evals = {name: arr[:rows] if rows else arr for name, arr in evals.items()}
-    primary = setup.get("primary")
-    crash = os.environ.get(CRASH_ENV)
-    steady: dict[str, int] = {}
-
-    def on_epoch(rec, tr) -> None:
-        metrics = rec.flat()
-        if primary is not None:
-            metrics.update(_plain("", {k: rec.eval[primary][k] for k in HEADLINE if k in rec.eval[primary]}))
-        metrics.update(memory, node_id=_node_id(), resumed=int(saved is not None), private_mb=_rss_anon() / 2**20)
-        steady.setdefault("anon", _rss_anon())  # steady state starts after the first epoch (buffers, optimiser)
-        final = rec.epoch == tcfg.epochs
-        curve: list = []
-        if final:
-            fm, curve = _final_metrics(sae, evals, primary, spec, setup.get("truth"))
-            metrics.update(fm)
-            metrics.update(final=1, curve=json.dumps(curve),
-                           private_growth_mb=(_rss_anon() - steady["anon"]) / 2**20)
-        sae_info = {"train": tcfg.to_dict(), "data": {"sweep": setup["sweep_id"], "trial": key, "rows": int(train.shape[0])},
-                    "preprocessing": {"scaling": tcfg.scaling, "mean_center": tcfg.mean_center, "scale": float(sae.scale)}}
-        if final:
-            final_sae = final_sae_dir(setup["sweep_dir"], key)
-            checkpoint.save(sae, final_sae, **sae_info)
-            checkpoint.write_json(final_sae / "metrics.json", {"final": metrics, "curve": curve})
-            _write_done(done, metrics)
-        _append_history(history_file(setup["sweep_dir"], key), metrics)
-        with tempfile.TemporaryDirectory(prefix="msae-ckpt-") as tmp:
-            (Path(tmp) / "epoch.json").write_text(json.dumps({"trial": key, "epoch": rec.epoch}))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
-        # saved after the report: a trial stopped in between repeats this epoch (logged once), never skips it
-        if not final:
-            _save_state(state_dir, sae, tr, rec.epoch, sae_info)
-        if final:
-            shutil.rmtree(state_dir, ignore_errors=True)  # the final SAE lives in the last Tune checkpoint
-        if crash:
-            target, rest = crash.split("@", 1)
-            at, marker_dir = rest.split(":", 1)
-            marker = Path(marker_dir) / key
-            if key == target and rec.epoch == int(at) and not marker.exists():
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text(str(time.time()))
-                raise RuntimeError(f"injected crash after epoch {at} ({CRASH_ENV})")
-
-    try:
-        fit(sae, train, tcfg, epoch_evals, on_epoch=on_epoch, progress=False, trainer=trainer,
-            fit_stats=trainer is None)
-    except DivergedError as e:
-        result = {"diverged": 1, "failure": f"diverged: {e}", "final": 1, "node_id": _node_id()}
-        _write_done(done, result)
-        tune.report(result)
-
-
-def final_sae_dir(sweep_dir: str | Path, key: str) -> Path:
-    return Path(sweep_dir) / "results" / f"{key}.sae"
-
-
-def history_file(sweep_dir: str | Path, key: str) -> Path:
-    """Every result a trial reported, one JSON line each, written before the report: the driver
-    logs from it what a restart kept it from logging."""
-    return Path(sweep_dir) / "trials" / f"{key}.history.jsonl"
-
-
-def _append_history(path: Path, metrics: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _save_state(state_dir: Path, sae, trainer: Trainer, epoch: int, sae_info: dict) -> None:
-    """Replace ``state_dir`` with this epoch's state: write beside it, then swap by renames; at every
-    moment either the new or the previous state is complete (marker file ``complete``)."""
-    tmp = state_dir.with_name(f".{state_dir.name}.new")
-    old = state_dir.with_name(f".{state_dir.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    checkpoint.save(sae, tmp / SAE_DIR, **sae_info)
-    torch.save(trainer.state_dict(), tmp / TRAINER_STATE)
-    (tmp / "complete").write_text(str(epoch))
-    shutil.rmtree(old, ignore_errors=True)
-    if state_dir.exists():
-        os.replace(state_dir, old)
-    os.replace(tmp, state_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _latest_state(state_dir: Path) -> Path | None:
-    """The trial's saved state, or the previous one when the swap was cut short."""
-    for d in (state_dir, state_dir.with_name(f".{state_dir.name}.old")):
-        if (d / "complete").is_file():
-            return d
-    return None
-
-
-def _write_done(path: Path, metrics: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(metrics))
-    os.replace(tmp, path)
 
 
 def _node_id() -> str:
