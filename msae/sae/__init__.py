@@ -11,12 +11,12 @@ import torch
 
 from msae.config import SAEConfig
 from msae.errors import MsaeError
-from msae.sae import batchtopk, matryoshka, relu, topk
+from msae.sae import batchtopk, jumprelu, matryoshka, relu, topk
 from msae.sae.base import SAE, StepOutput
 from msae.sae.method import Hyper, Method
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
-    relu.METHOD, topk.METHOD, batchtopk.METHOD, matryoshka.METHOD)}
+    relu.METHOD, topk.METHOD, batchtopk.METHOD, matryoshka.METHOD, jumprelu.METHOD)}
 METHODS = tuple(REGISTRY)
 
 
