@@ -29,9 +29,10 @@ def test_paper_grids_have_60_trials(name, x):
 def test_conditional_grid_expansion():
     spec = load_spec(SWEEPS / "demo.yaml")
     trials = expand_grid(spec, 64)
-    assert len(trials) == 11
+    assert len(trials) == 12
     for t in trials:
-        own = {"relu": {"l1"}, "topk": {"k"}, "batchtopk": {"k"}, "msae": {"levels_from", "weighting"}}[t.method]
+        own = {"relu": {"l1"}, "topk": {"k"}, "batchtopk": {"k"}, "msae": {"levels_from", "weighting"},
+               "jumprelu": {"l0_coef"}}[t.method]
         assert set(t.params) == {"method", "lr"} | own
     assert [t.key for t in trials if t.method == "msae"] == [
         "msae_lr0.002_from8_rw", "msae_lr0.002_from8_uw", "msae_lr0.002_from16_rw", "msae_lr0.002_from16_uw"]
