@@ -47,9 +47,15 @@ def plot_fronts(fronts: dict[str, Any], points: Sequence, plane: str, label: str
     if overall and overall["points"]:
         xs, ys = [p["l0"] for p in overall["points"]], [p[plane] for p in overall["points"]]
         ax.plot(xs, ys, "--", color="black", lw=1.0, label=f"overall front (HV {overall['hypervolume_fraction']:.3f})")
+        import math
+        placed: list[tuple[float, float]] = []
         for p, x, y in zip(overall["points"], xs, ys):
-            ax.annotate(f"{p['trial']} {p['at']}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6,
-                        color="0.25")
+            # a label close to one already placed goes below its point instead of above
+            near = any(abs(math.log10(x) - math.log10(px)) < 0.08 and abs(math.log10(y) - math.log10(py)) < 0.08
+                       for px, py in placed)
+            ax.annotate(f"{p['trial']} {p['at']}", (x, y), textcoords="offset points", xytext=(4, -9 if near else 3),
+                        fontsize=6, color="0.25")
+            placed.append((x, y))
     ax.scatter([], [], s=12, alpha=0.3, color="0.5", label="faded: every point (own code and k-curve) of every trial")
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -42,7 +42,7 @@ class SweepProgress:
         used = {b.pos for b in self.bars.values() if b is not None}
         pos = next(p for p in range(1, len(used) + 2) if p not in used and -p not in used)
         self.bars[key] = tqdm(total=epochs, position=pos, leave=False, file=self.stream, dynamic_ncols=True,
-                              desc=key, unit="epoch", bar_format="  {desc} {bar:12} epoch {n_fmt}/{total_fmt} {postfix}")
+                              desc=key, unit="epoch", bar_format="  {desc} {bar:12} epoch {n_fmt}/{total_fmt}{postfix}")
         self._describe()
 
     def epoch(self, key: str, epoch: int, metrics: dict[str, Any]) -> None:

@@ -82,8 +82,19 @@ class RaySession:
                      runtime_env=runtime_env, configure_logging=True, logging_level="ERROR",
                      object_store_memory=_object_store_size(self.data.object_store_bytes()))
         self.started = True
+        self._no_colour_reset_at_exit()
         self._broker()
         return self
+
+    @staticmethod
+    def _no_colour_reset_at_exit() -> None:
+        """Ray's CLI logger initialises colorama on import, which writes a stray ESC[0m to the
+        terminal when the process exits; drop that exit handler."""
+        import atexit
+        import sys as _sys
+        module = _sys.modules.get("colorama.initialise")
+        if module is not None:
+            atexit.unregister(module.reset_all)
 
     def _broker(self) -> None:
         if self.cluster or self.data.share == "object_store" or self.data.object_store_bytes():

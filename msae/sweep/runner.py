@@ -114,6 +114,7 @@ def _open_tracking(plan: Plan, sweep: SweepDir, new: bool) -> SweepTracker:
               "train": plan.data.train.path, **{f"eval/{k}": v.path for k, v in plan.data.evals.items()}}
     try:
         tracker.open(plan.spec_text, spec.name, params)
+        tracker.set_dashboard_view(view_params(spec))
     except Exception as e:  # MLflow raises many types for a bad store
         if new:
             import shutil
@@ -143,7 +144,7 @@ def _finish(plan: Plan, sweep: SweepDir, tracker: SweepTracker, sync: Background
     sweep.update_state(status=status, finished=time.time(), tracking="synced" if synced else "pending")
     if synced:
         try:
-            tracker.log_fronts(fronts, parent_note(sweep, plan, fronts, status))
+            tracker.log_fronts(fronts, parent_note(sweep, plan, fronts, status, tracker.parent_id))
             tracker.set_parent("KILLED" if interrupted else "FINISHED")
         except Exception as e:  # the store went away again at the last moment
             synced = False
@@ -154,7 +155,7 @@ def _finish(plan: Plan, sweep: SweepDir, tracker: SweepTracker, sync: Background
     print(f"trials: {counts['finished']} finished, {counts['stopped_early']} stopped early, "
           f"{counts['diverged']} diverged, {counts['failed']} failed; results in {sweep.root}")
     print(f"tracking: {spec.tracking.uri}  experiment {spec.experiment!r}  parent run {tracker.parent_id}")
-    print(f"dashboard: {ui_hint(spec.tracking.uri)}")
+    print(f"dashboard: {ui_hint(spec.tracking.uri, tracker)}")
     code = 0 if counts["finished"] + counts["stopped_early"] > 0 else 1
     if not synced:
         print(f"msae sweep: {len(pending) or 'the fronts of'} trial(s) not yet logged to {spec.tracking.uri} "
@@ -168,31 +169,50 @@ def _finish(plan: Plan, sweep: SweepDir, tracker: SweepTracker, sync: Background
                    interrupted, pending)
 
 
-def ui_hint(uri: str) -> str:
-    """How to look at ``uri`` in the dashboard, in a form that works under ./dev too."""
+def view_params(spec) -> list[str]:
+    """The params columns of the sweep's dashboard view: method, lr and every swept setting."""
+    from msae.sae import REGISTRY
+    names = ["method", "lr"]
+    for method, grid in spec.methods.enabled().items():
+        names += [h.name for h in REGISTRY[method].hypers if h.sweep and getattr(grid, h.name, None) is not None
+                  and h.name not in names]
+    return names
+
+
+def ui_hint(uri: str, tracker: SweepTracker) -> str:
+    """How to look at the sweep in the dashboard, in a form that works under ./dev too."""
     import os
+    from msae.sweep.tracking import dashboard_url
     if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
+        return f"open {dashboard_url(uri, tracker.exp_id, tracker.view_key, charts=True)}"
     prefix = "./dev msae" if os.environ.get("MSAE_DEV") else "msae"
-    return f"{prefix} ui --tracking-uri {uri}   (then open http://127.0.0.1:5000)"
+    return (f"{prefix} ui --tracking-uri {uri}\n  then open "
+            f"{dashboard_url('http://127.0.0.1:5000', tracker.exp_id, tracker.view_key, charts=True)}")
 
 
-def parent_note(sweep: SweepDir, plan: Plan, fronts: dict[str, Any], status: str) -> str:
-    """The parent run's description (markdown): what the sweep was, its front, how to read it."""
+def parent_note(sweep: SweepDir, plan: Plan, fronts: dict[str, Any], status: str, run_id: str | None = None) -> str:
+    """The parent run's description (markdown): what the sweep was, its front (plot and table), how to
+    read it, and the spec."""
     counts = sweep.counts()
-    return "\n".join([
-        f"## msae sweep `{sweep.sweep_id}` ({status})",
-        f"Spec `{plan.spec.name}`: {plan.d} -> {plan.n} latents; {counts['finished']} trials finished, "
-        f"{counts['stopped_early']} stopped early, {counts['diverged']} diverged, {counts['failed']} failed.",
-        "", "### Sparsity-fidelity front", "", format_table(fronts, markdown=True), "",
+    overall = fronts["fronts"].get("all/fvu", {"points": [], "hypervolume_fraction": 0.0})
+    lines = [f"## msae sweep `{sweep.sweep_id}` ({status})",
+             f"Spec `{plan.spec.name}`: {plan.d} -> {plan.n} latents; {counts['finished']} trials finished, "
+             f"{counts['stopped_early']} stopped early, {counts['diverged']} diverged, {counts['failed']} failed. "
+             f"Overall front: {len(overall['points'])} points, hypervolume fraction "
+             f"{overall['hypervolume_fraction']:.4f}.", ""]
+    if run_id and overall["points"]:  # the front plot, served by the tracking server's artifact endpoint
+        lines += [f"![Sparsity-fidelity front](get-artifact?path=pareto%2Fpareto_fvu.png&run_uuid={run_id})", ""]
+    lines += [
         "### How to read it",
         "Each child run is one SAE. Its **own** point is (L0, FVU) of the model's own code on the primary "
         "evaluation cache; TopK-style models also contribute their progressive-recovery curve (`k=16`, ...: "
         "the top-k latents of ReLU(pre)). A point is on the front when no other point has both a lower L0 and "
         "a lower FVU. The hypervolume fraction is the share of the reference box the front dominates (higher is "
-        "better). Plots and tables: the Artifacts tab, `pareto/`. Compare runs: select them in the runs list, "
-        "then Compare (e.g. `fvu` against `l0`).", "",
-        "### Spec", "", "```yaml", plan.spec_text.strip(), "```"])
+        "better). Plots and tables: the Artifacts tab, `pareto/`; each child run has its own `curve.png`. "
+        "Compare runs: the experiment's Runs page (chart view: FVU against L0).", "",
+        "### Sparsity-fidelity front", "", format_table(fronts, markdown=True), "",
+        "### Spec", "", "```yaml", plan.spec_text.strip(), "```"]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- other commands
@@ -239,11 +259,12 @@ def relog(spec_path: str, sweep_id: str | None, overrides: Overrides = Overrides
     d, n = int(state["d"]), int(state["n"])
     plan = Plan(spec, state.get("spec", text), d, n, [], None)
     tracker.open(plan.spec_text, spec.name, {})
+    tracker.set_dashboard_view(view_params(spec))
     interrupted = state.get("status") != "finished"
     for key in sweep.trial_keys():
         tracker.sync(key, interrupted)
     fronts = sweep_fronts(sweep, spec.pareto.reference(n))
-    tracker.log_fronts(fronts, parent_note(sweep, plan, fronts, state.get("status", "finished")))
+    tracker.log_fronts(fronts, parent_note(sweep, plan, fronts, state.get("status", "finished"), tracker.parent_id))
     tracker.set_parent("FINISHED" if state.get("status") == "finished" else "KILLED")
     sweep.update_state(tracking="synced")
     return f"{format_table(fronts)}\nlogged to parent run {tracker.parent_id} of sweep {sweep.sweep_id} ({uri})"

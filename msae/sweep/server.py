@@ -75,8 +75,18 @@ def serve_ui(tracking_uri: str, host: str, port: int) -> int:
     import signal
     import subprocess
 
+    from msae.sweep.tracking import sweep_links
+
     check_bind(host, port)
-    print(f"MLflow dashboard for {tracking_uri} at http://{host}:{port} (Ctrl-C stops it)", file=sys.stderr)
+    base = f"http://{host}:{port}"
+    try:
+        links = sweep_links(tracking_uri, base)
+    except Exception as e:  # MLflow raises many types for a store it cannot read
+        raise MsaeError(f"--tracking-uri {tracking_uri}: cannot read the tracking store "
+                        f"({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from e
+    print(f"MLflow dashboard for {tracking_uri} at {base} (Ctrl-C stops it)", file=sys.stderr)
+    if links:
+        print("the latest sweep of each experiment (its runs and front):\n" + "\n".join(links), file=sys.stderr)
     proc = subprocess.Popen(server_command(tracking_uri, host, port), env=server_env(), start_new_session=True)
     stopping = []
 

@@ -25,8 +25,11 @@ from msae.sweep.layout import SweepDir
 
 SWEEP_TAG, KEY_TAG, KIND_TAG = "msae.sweep_id", "msae.trial_key", "msae.kind"
 PARENT_TAG, NOTE_TAG = "mlflow.parentRunId", "mlflow.note.content"
-# MLflow 3 opens an experiment of this kind on its model-training runs view (not the GenAI overview).
+# The experiment's kind (MLflow 3.17's UI itself follows the page's workflowType: see dashboard_url).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# MLflow's "shared view" of an experiment page: an experiment tag holding the page's state as JSON,
+# opened by the URL parameter viewStateShareKey.
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 
 # What a researcher compares across runs: logged as MLflow metrics. Everything else a trial
 # measures goes to the run's diagnostics.json artifact (and a few strings to tags).
@@ -95,6 +98,27 @@ def mlflow_metrics(result: dict[str, Any], caches: list[str]) -> dict[str, float
     return out
 
 
+def dashboard_url(base: str, exp_id: str, view_key: str | None = None, charts: bool = False) -> str:
+    """A link into the MLflow UI at ``base`` that opens the experiment's runs (MLflow 3.17's UI opens
+    on its GenAI pages unless told workflowType=machine_learning), in the sweep's view."""
+    url = f"{base.rstrip('/')}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    if view_key:
+        url += f"&viewStateShareKey={view_key}"
+    return url + ("&compareRunsMode=CHART" if charts else "")
+
+
+def sweep_links(uri: str, base: str) -> list[str]:
+    """One line per experiment of ``uri`` holding msae sweeps: a link to its latest sweep's view."""
+    client = mlflow_client(uri)
+    lines = []
+    for exp in client.search_experiments():
+        keys = sorted(k[len(VIEW_TAG_PREFIX):] for k in exp.tags if k.startswith(VIEW_TAG_PREFIX + "msae-"))
+        if keys:  # sweep ids end in a timestamp: the last is the latest
+            latest = max(keys, key=lambda k: k.rsplit("-", 3)[-3:])
+            lines.append(f"  {exp.name}: {dashboard_url(base, exp.experiment_id, latest, charts=True)}")
+    return lines
+
+
 def child_runs(client, exp_id: str, sweep_id: str) -> list:
     out, token = [], None
     while True:
@@ -154,6 +178,38 @@ class SweepTracker:
             (Path(tmp) / "spec.yaml").write_text(spec_text)
             self.client.log_artifact(self.parent_id, str(Path(tmp) / "spec.yaml"))
         return self.parent_id
+
+    @property
+    def view_key(self) -> str:
+        return f"msae-{self.sweep.sweep_id}"
+
+    def set_dashboard_view(self, params: list[str]) -> None:
+        """The sweep's dashboard view (an experiment tag; see dashboard_url): the runs table with the
+        sweep's parent expanded, sorted by FVU, with the columns a researcher compares, and charts of
+        the front: FVU and cosine against L0 (each trial's own code)."""
+        section = "msae-front"
+
+        def scatter(uuid: str, y: str, name: str) -> dict[str, Any]:
+            return {"uuid": uuid, "type": "SCATTER", "xaxis": {"key": "l0", "type": "METRIC"},
+                    "yaxis": {"key": y, "type": "METRIC"}, "runsCountToCompare": 500, "metricSectionId": section,
+                    "deleted": False, "isGenerated": False, "displayName": name}
+
+        metrics = ["l0", "fvu", "cosine", "dead_fraction", "zero_fraction", "recovery"]
+        state = {
+            "orderByKey": "metrics.`fvu`", "orderByAsc": True,
+            "selectedColumns": [f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in metrics],
+            "runsExpanded": {self.parent_id: True}, "runsPinned": [], "runsHidden": [], "runsVisibilityMap": {},
+            "runsHiddenMode": "SHOW_ALL",
+            "compareRunCharts": [
+                scatter("msae-fvu-l0", "fvu", "Sparsity-fidelity: FVU against L0 (each trial's own code)"),
+                scatter("msae-cos-l0", "cosine", "Cosine against L0")],
+            "compareRunSections": [{"uuid": section, "name": "Sweep front", "display": True, "isReordered": False,
+                                    "deleted": False, "isGenerated": False}],
+            "viewMaximized": False, "runListHidden": False, "isAccordionReordered": True, "groupBy": None,
+            "groupsExpanded": {}, "autoRefreshEnabled": True, "useGroupedValuesInCharts": True,
+            "hideEmptyCharts": True, "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0,
+                                                               "selectedXAxisMetricKey": ""}}
+        self.client.set_experiment_tag(self.exp_id, VIEW_TAG_PREFIX + self.view_key, json.dumps(state))
 
     def set_parent(self, status: str) -> None:
         if status == "RUNNING":
