@@ -35,6 +35,21 @@ def _mkstemp(path: Path, suffix: str) -> tuple[int, str]:
     return fd, tmp
 
 
+def check_output_folder(path: str | os.PathLike, what: str, overwrite: bool,
+                        replaces: str = "msae's own files") -> Path:
+    """An output folder may be new or empty; one that holds files needs ``overwrite`` (and then only
+    ``replaces`` are written there: the caller's promise, named in the error)."""
+    from msae.errors import MsaeError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MsaeError(f"{what} {path}: exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise MsaeError(f"{what} {path}: exists and is not empty; choose a new folder, or pass --overwrite to "
+                        f"replace {replaces} in it (other files are kept)")
+    return path
+
+
 def write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

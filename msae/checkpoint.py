@@ -36,23 +36,12 @@ def library_versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def check_output_dir(path: str | os.PathLike, what: str, overwrite: bool) -> Path:
-    """An output folder may be new or empty; one that holds files needs ``overwrite``."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise MsaeError(f"{what} {path}: exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise MsaeError(f"{what} {path}: exists and is not empty; choose a new folder, or pass --overwrite to "
-                        "replace msae's own files in it (other files are kept)")
-    return path
-
-
 def save(sae: SAE, path: str | os.PathLike, *, train: dict[str, Any] | None = None,
          preprocessing: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
          extra: dict[str, Any] | None = None, files: dict[str, Any] | None = None,
          overwrite: bool = False) -> Path:
     """Write the checkpoint ``path/``; ``files``: more JSON files to put beside it (e.g. metrics.json)."""
-    path = check_output_dir(path, "checkpoint", overwrite)
+    path = atomic.check_output_folder(path, "checkpoint", overwrite)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sae.state_dict().items()}
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "sae": sae.cfg.to_dict(),
               "preprocessing": preprocessing or {}, "train": train or {}, "data": data or {},

@@ -84,14 +84,14 @@ def _eval_sets(paths: list[str] | None, d: int) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from msae import checkpoint
+    from msae import atomic, checkpoint
     from msae.config import TrainConfig
     from msae.data import fingerprint, load_array
     from msae.evaluate import evaluate
     from msae.sae import create_sae, method_of, sae_config
     from msae.train import DivergedError, fit, preprocessing_record
 
-    out = checkpoint.check_output_dir(args.out, "--out", args.overwrite)
+    out = atomic.check_output_folder(args.out, "--out", args.overwrite)
     method = method_of(args.method)
     values = _method_values(args, args.method)
     train = load_array(args.data, min_rows=2)
@@ -209,10 +209,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_import_reference(args: argparse.Namespace) -> int:
-    from msae import checkpoint
+    from msae import atomic, checkpoint
     from msae.reference import import_reference
 
-    out = checkpoint.check_output_dir(args.out_dir, "OUT_DIR", args.overwrite)
+    out = atomic.check_output_folder(args.out_dir, "OUT_DIR", args.overwrite)
     sae, info = import_reference(args.file)
     pp = {"scaling": "reference-import", "mean_center": bool(sae.mean.abs().sum() > 0), "scale": float(sae.scale)}
     checkpoint.save(sae, out, preprocessing=pp, extra={"imported_from": info}, overwrite=args.overwrite)
@@ -248,9 +248,11 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from msae.sweep.server import serve_ui
+    from msae.sweep.server import check_bind, serve_ui
+    from msae.sweep.tracking import sweep_links
 
-    return serve_ui(args.tracking_uri, args.host, args.port)
+    check_bind(args.host, args.port)
+    return serve_ui(args.tracking_uri, args.host, args.port, sweep_links(args.tracking_uri, f"http://{args.host}:{args.port}"))
 
 
 def cmd_tracking_server(args: argparse.Namespace) -> int:

@@ -97,7 +97,7 @@ class SAEConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The training recipe (msae-recipe.md sections 5 and 6)."""
+    """The training recipe (docs/method.md, "One training step"): optimiser, schedule, loss, preprocessing."""
 
     lr: float = 1e-4
     epochs: int = 30

@@ -184,15 +184,10 @@ def write_synthetic(out_dir: str | os.PathLike, n_train: int = 20000, n_val: int
     import json
     import shutil
 
-    from msae.atomic import temp_dir_beside
+    from msae.atomic import check_output_folder, temp_dir_beside
     from msae.cache import write_cache
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise MsaeError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MsaeError(f"--out {out}: exists and is not empty; choose another folder or pass --overwrite "
-                        "(which replaces only the synthetic files)")
+    out = check_output_folder(out_dir, "--out", overwrite, "only the synthetic files")
     world = make_world(**world_kwargs)
     files = synthetic_files(out)
     tmp = temp_dir_beside(out)

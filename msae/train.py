@@ -1,4 +1,4 @@
-"""The training recipe (msae-recipe.md sections 5-6): one step is forward, loss, backward;
+"""The training recipe (docs/method.md): one step is forward, loss, backward;
 decoder renormalisation with compensation; removal of the parallel gradient component; global
 grad-norm clip; AdamW. The learning rate decays linearly over the last 20% of epochs."""
 from __future__ import annotations

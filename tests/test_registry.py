@@ -107,3 +107,15 @@ def test_configs_are_frozen_and_typed():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.k = 4
     assert type(cfg).__name__ == "TopKConfig" and cfg.own_k == 8 and cfg.to_dict()["method"] == "topk"
+
+
+def test_encode_and_decode_accept_numpy():
+    import numpy as np
+    import torch
+
+    sae = create_sae(sae_config("topk", D, N, k=4), 0)
+    x = np.random.default_rng(0).standard_normal((5, D)).astype(np.float32)
+    x.flags.writeable = False  # like a memory-mapped cache
+    z = sae.encode(x)
+    assert torch.equal(z, sae.encode(torch.from_numpy(x.copy())))
+    assert torch.equal(sae.decode(z.detach().numpy()), sae.decode(z)) and sae(x).shape == (5, D)

@@ -105,11 +105,15 @@ def test_server_dies_and_returns_during_the_sweep_then_stays_away_until_msae_par
     env.update(RAY_TMPDIR=tmp, PYTHONPATH=str(REPO), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     try:
         # 1. the server dies mid-sweep and comes back (right away on the same port) while trials still run
+        def start(spec: Path, name: str):
+            err_file = tmp_path / f"{name}.err"
+            with open(err_file, "w") as err:
+                proc = subprocess.Popen([PY, "-m", "msae.cli", "sweep", str(spec)], cwd=tmp_path, env=env,
+                                        stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+            return proc, err_file
+
         spec = _spec(tmp_path, data, "outage", server.uri)
-        err_file = tmp_path / "outage.err"
-        with open(err_file, "w") as err:
-            proc = subprocess.Popen([PY, "-m", "msae.cli", "sweep", str(spec)], cwd=tmp_path, env=env,
-                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        proc, err_file = start(spec, "outage")
         assert _wait(lambda: _logged_epochs(server.uri, "outage") >= 2, 300, proc), err_file.read_text()[-2000:]
         server.stop()
         before = _epochs_trained(tmp_path, "outage")
@@ -123,10 +127,7 @@ def test_server_dies_and_returns_during_the_sweep_then_stays_away_until_msae_par
 
         # 2. the server dies and stays away past tracking.wait_s: exit 3, results safe, `msae pareto` logs them later
         spec = _spec(tmp_path, data, "away", server.uri, wait_s=3)
-        err_file = tmp_path / "away.err"
-        with open(err_file, "w") as err:
-            proc = subprocess.Popen([PY, "-m", "msae.cli", "sweep", str(spec)], cwd=tmp_path, env=env,
-                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        proc, err_file = start(spec, "away")
         assert _wait(lambda: _logged_epochs(server.uri, "away") >= 1, 300, proc), err_file.read_text()[-2000:]
         server.stop()
         assert proc.wait(timeout=600) == 3, err_file.read_text()[-3000:]

@@ -69,22 +69,15 @@ def health_error(url: str, timeout: float = 5.0) -> str | None:
 PID_FILE, LOG_FILE = "server.pid", "server.log"
 
 
-def serve_ui(tracking_uri: str, host: str, port: int) -> int:
+def serve_ui(tracking_uri: str, host: str, port: int, links: list[str] | None = None) -> int:
     """``msae ui``: an MLflow server in its own process group, in the foreground; Ctrl-C or SIGTERM
-    stops the whole group (mlflow, its uvicorn workers), so nothing keeps listening after it."""
+    stops the whole group (mlflow, its uvicorn workers), so nothing keeps listening after it.
+    ``links``: lines to print first (the sweeps' dashboard links)."""
     import signal
     import subprocess
 
-    from msae.sweep.tracking import sweep_links
-
     check_bind(host, port)
-    base = f"http://{host}:{port}"
-    try:
-        links = sweep_links(tracking_uri, base)
-    except Exception as e:  # MLflow raises many types for a store it cannot read
-        raise MsaeError(f"--tracking-uri {tracking_uri}: cannot read the tracking store "
-                        f"({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from e
-    print(f"MLflow dashboard for {tracking_uri} at {base} (Ctrl-C stops it)", file=sys.stderr)
+    print(f"MLflow dashboard for {tracking_uri} at http://{host}:{port} (Ctrl-C stops it)", file=sys.stderr)
     if links:
         print("the latest sweep of each experiment (its runs and front):\n" + "\n".join(links), file=sys.stderr)
     proc = subprocess.Popen(server_command(tracking_uri, host, port), env=server_env(), start_new_session=True)

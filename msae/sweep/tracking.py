@@ -109,9 +109,13 @@ def dashboard_url(base: str, exp_id: str, view_key: str | None = None, charts: b
 
 def sweep_links(uri: str, base: str) -> list[str]:
     """One line per experiment of ``uri`` holding msae sweeps: a link to its latest sweep's view."""
-    client = mlflow_client(uri)
+    try:
+        experiments = mlflow_client(uri).search_experiments()
+    except Exception as e:  # MLflow raises many types for a store it cannot read
+        raise MsaeError(f"--tracking-uri {uri}: cannot read the tracking store "
+                        f"({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from e
     lines = []
-    for exp in client.search_experiments():
+    for exp in experiments:
         keys = sorted(k[len(VIEW_TAG_PREFIX):] for k in exp.tags if k.startswith(VIEW_TAG_PREFIX + "msae-"))
         if keys:  # sweep ids end in a timestamp: the last is the latest
             latest = max(keys, key=lambda k: k.rsplit("-", 3)[-3:])
