@@ -22,18 +22,18 @@ import time
 
 import torch
 
-from msae.config import SAEConfig, TrainConfig, doubling_levels
-from msae.sae import create_sae
-from msae.sae.dense import dense_training_loss
+from msae.config import SAEConfig, TrainConfig
+from msae.sae import create_sae, dense_training_loss, sae_config
 from msae.train import Trainer
 
 SHAPES = {"paper": (768, 6144, 4096), "small": (128, 1024, 1024)}
 
 
 def configs(d: int, n: int) -> dict[str, SAEConfig]:
-    return {"relu": SAEConfig("relu", d, n, l1=0.003), "topk": SAEConfig("topk", d, n, k=64),
-            "batchtopk": SAEConfig("batchtopk", d, n, k=32),
-            "msae": SAEConfig("msae", d, n, levels=doubling_levels(64, n), weighting="rw")}
+    return {"relu": sae_config("relu", d, n, l1=0.003), "topk": sae_config("topk", d, n, k=64),
+            "batchtopk": sae_config("batchtopk", d, n, k=32),
+            "msae": sae_config("msae", d, n, levels_from=64, weighting="rw"),
+            "jumprelu": sae_config("jumprelu", d, n)}
 
 
 def timed(fn, repeats: int) -> float:

@@ -99,6 +99,7 @@ class ReconStats:
 
     @torch.no_grad()
     def update(self, x, xh, xp, xph, z) -> None:
+        """Add a batch; ``z`` the dense code, or None when :meth:`update_code` adds the code's part."""
         x64, xh64 = x.to(torch.float64), xh.to(torch.float64)
         self.rows += x.shape[0]
         self._add("fvu", fvu_per_sample(x64, xh64))
@@ -106,14 +107,20 @@ class ReconStats:
         self._add("fvu_processed", fvu_per_sample(xp.to(torch.float64), xph.to(torch.float64)))
         self._add("cosine_processed", cosine_per_sample(xp, xph))
         self._add("nmse", nmse_per_sample(xp.to(torch.float64), xph.to(torch.float64)))
-        self._add("l0", l0_per_sample(z))
         self.sse += float((x64 - xh64).pow(2).sum())
         self.sum_sq += float(x64.pow(2).sum())
         sx = x64.sum(0).cpu()
         self.sum_x = sx if self.sum_x is None else self.sum_x + sx
-        nz = z != 0
-        self.fired |= nz.any(0).cpu()
-        v = z[nz].to(torch.float64)
+        if z is not None:
+            nz = z != 0
+            self.update_code(l0_per_sample(z), nz.any(0), z[nz])
+
+    def update_code(self, l0: torch.Tensor, fired: torch.Tensor, values: torch.Tensor) -> None:
+        """The code's part of :meth:`update` from its summary: per-sample non-zero counts, which
+        latents fired in the batch (bool [n]) and the non-zero values (for a sparse code)."""
+        self._add("l0", l0)
+        self.fired |= fired.cpu()
+        v = values.to(torch.float64)
         self.act[0] += v.numel()
         self.act[1] += float(v.sum())
         self.act[2] += float(v.pow(2).sum())

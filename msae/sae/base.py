@@ -3,17 +3,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
-
 import torch
 from torch import nn
 
 from msae.config import SAEConfig, check_k
 from msae.data import to_tensor
 from msae.errors import MsaeError
+from msae.losses import ReconLoss
 from msae.sae.kernels import SparseRows, gather_selected, rect_to_rows, sparse_decode
-
-ReconLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass

@@ -18,7 +18,8 @@ from msae.config import SAEConfig, check_k, doubling_levels
 from msae.errors import MsaeError
 from msae.sae.base import SAE, StepOutput, fire_counts, topk_relu_dense
 from msae.sae.dense import dense_topk
-from msae.sae.kernels import SparseRows, gather_selected, sparse_decode
+from msae.sae.kernels import Entries, SparseRows, gather_selected, native_level_errors, sparse_decode
+from msae.sae.native import kernels
 from msae.sae.method import Hyper, Method
 
 WEIGHTINGS = ("uw", "rw")
@@ -107,18 +108,55 @@ class MatryoshkaSAE(SAE):
         return topk_relu_dense(pre, self.cfg.levels[-1])
 
     def training_step(self, xp, recon_loss, dead=None) -> StepOutput:
-        B, n = xp.shape[0], self.n
-        levels, alphas = self.cfg.levels, self.cfg.alphas
         with torch.no_grad():
             pre = self.pre_activation(xp)
-            vals, idx, chunk, n_chunks = nested_chunk_ids(pre, levels)
+        native = kernels() if xp.device.type == "cpu" and xp.dtype == torch.float32 else None
+        if native is not None:
+            sq, recons, entries = self._native_levels(xp, pre, native)
+            fired, count = entries.fired, entries.col.numel()
+            level_losses = recon_loss.from_squares(sq, xp)  # [n_chunks]
+        else:
+            recons, col = self._torch_levels(xp, pre)
+            fired, count = fire_counts(col, self.n), col.numel()
+            level_losses = recon_loss(recons, xp)
+        B, levels, alphas = xp.shape[0], self.cfg.levels, self.cfg.alphas
+        n_chunks = recons.shape[1]
+        # Levels past the last non-empty chunk reconstruct exactly like it.
+        weights = list(alphas[: n_chunks - 1]) + [sum(alphas[n_chunks - 1 :])]
+        loss = (level_losses * level_losses.new_tensor(weights)).sum() / sum(alphas)
+        per_level = level_losses.detach().unbind()
+        parts = {"recon": per_level[-1]}
+        parts.update({f"recon_k{k}": per_level[min(i, n_chunks - 1)] for i, k in enumerate(levels)})
+        out = StepOutput(loss, recons[:, -1], fired, count / B, parts)
+        return self.with_auxk(out, xp, pre, dead)
+
+    def _native_levels(self, xp, pre, native) -> tuple[torch.Tensor, torch.Tensor, Entries]:
+        """Each non-empty chunk's cumulative reconstruction's squared error [B, chunks] and the
+        reconstructions [B, chunks, d], with the C++ kernels: one nested selection (no sort), one
+        decode pass writing every (row, chunk) partial sum and its error, and a backward that
+        visits every entry once per product, each chunk taking the gradient of its own level and
+        of every level above it."""
+        levels = torch.tensor(self.cfg.levels, dtype=torch.long)
+        with torch.no_grad():
+            crow, rows, col, chunk, pre_val, used, chunk_counts = native.nested_select(pre.contiguous(), levels)
+            entries = Entries.build(native, crow, col, self.n, self.d, rows, chunk)
+        C = max(int(used), 1)
+        val = gather_selected(xp, self.b_dec, self.W_enc, self.b_enc, pre, crow, col, entries, pre_val)
+        sq, recons = native_level_errors(val, self.W_dec, self.b_dec, xp, entries, C, chunk_counts)
+        return sq, recons, entries
+
+    def _torch_levels(self, xp, pre) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same with torch kernels (CUDA, or a CPU without the C++ kernels): per chunk, a CSR
+        decode added to the running reconstruction."""
+        B, n = xp.shape[0], self.n
+        with torch.no_grad():
+            vals, idx, chunk, n_chunks = nested_chunk_ids(pre, self.cfg.levels)
             positive = vals > 0
             crow = torch.zeros(B + 1, dtype=torch.long, device=xp.device)
             torch.cumsum(positive.sum(1), 0, out=crow[1:])
             col = idx[positive]
             chunk_flat = chunk[positive]
         val = gather_selected(xp, self.b_dec, self.W_enc, self.b_enc, pre, crow, col)
-
         recon = self.b_dec.expand_as(xp)
         recons = []
         for c in range(n_chunks):
@@ -129,14 +167,7 @@ class MatryoshkaSAE(SAE):
             if sel.numel():
                 recon = recon + sparse_decode(SparseRows(ccrow, col[sel], val[sel], n), self.W_dec)
             recons.append(recon)
-        level_losses = [recon_loss(r, xp) for r in recons]
-        # Levels past the last non-empty chunk reconstruct exactly like it.
-        weights = list(alphas[: n_chunks - 1]) + [sum(alphas[n_chunks - 1 :])]
-        loss = sum(w * lv for w, lv in zip(weights, level_losses)) / sum(alphas)
-        parts = {"recon": level_losses[-1].detach()}
-        parts.update({f"recon_k{k}": level_losses[min(i, n_chunks - 1)].detach() for i, k in enumerate(levels)})
-        out = StepOutput(loss, recon, fire_counts(col, n), col.numel() / B, parts)
-        return self.with_auxk(out, xp, pre, dead)
+        return torch.stack(recons, 1), col
 
 
 def dense_loss(sae: MatryoshkaSAE, xp: torch.Tensor, recon_loss) -> torch.Tensor:
