@@ -23,7 +23,7 @@ from msae.errors import MsaeError
 FORMAT = "msae-feature-cache"
 FORMAT_VERSION = "1"
 MAGIC = b"ARROW1"
-EMBEDDING, ID, TEXT = "embedding", "id", "text"
+EMBEDDING, ID, TEXT, LABEL = "embedding", "id", "text", "label"
 DTYPES = ("float32", "float16")
 MODALITIES = ("image", "text")
 _META_KEYS = ("format", "format_version", "model", "pretrained", "modality", "source", "split", "n", "d",
@@ -66,6 +66,17 @@ class FeatureCache:
     def texts(self) -> list[str] | None:
         return self.table.column(TEXT).to_pylist() if TEXT in self.table.column_names else None
 
+    @property
+    def attributes(self) -> dict[str, np.ndarray]:
+        """The optional 0/1 attribute columns (int8), by name; empty when there are none."""
+        return {f.name: self.table.column(f.name).to_numpy() for f in self.table.schema
+                if pa.types.is_int8(f.type)}
+
+    @property
+    def labels(self) -> list[str] | None:
+        """The optional class label of every row (e.g. an ImageFolder class), or None."""
+        return self.table.column(LABEL).to_pylist() if LABEL in self.table.column_names else None
+
 
 def is_cache(path: str | os.PathLike) -> bool:
     """Whether the file starts with the Arrow IPC file magic."""
@@ -76,17 +87,37 @@ def is_cache(path: str | os.PathLike) -> bool:
         return False
 
 
-def content_hash(embeddings: np.ndarray, ids: Sequence[str], texts: Sequence[str] | None = None) -> str:
-    """SHA-256 over shape, stored dtype, the embedding bytes (little-endian, row-major), ids and texts."""
+def content_hash(embeddings: np.ndarray, ids: Sequence[str], texts: Sequence[str] | None = None,
+                 labels: Sequence[str] | None = None, attributes: dict[str, np.ndarray] | None = None) -> str:
+    """SHA-256 over shape, stored dtype, the embedding bytes (little-endian, row-major), ids, texts
+    and, when present, labels and attribute columns (so a cache without them keeps the hash it
+    always had)."""
     h = hashlib.sha256(f"{FORMAT}/{FORMAT_VERSION}|{embeddings.shape[0]}|{embeddings.shape[1]}|"
                        f"{embeddings.dtype.name}\n".encode())
     for s in range(0, embeddings.shape[0], _HASH_ROWS):
         h.update(np.ascontiguousarray(embeddings[s:s + _HASH_ROWS], dtype=embeddings.dtype.newbyteorder("<")).data)
-    for column in (ids, texts or ()):
+    for column in (ids, texts or ()) + ((labels,) if labels is not None else ()):
         h.update(b"\x1e")
         for v in column:
             h.update(v.encode("utf-8") + b"\x00")
+    for name, values in (attributes or {}).items():
+        h.update(b"\x1e" + name.encode("utf-8") + b"\x00" + np.ascontiguousarray(values, dtype=np.int8).tobytes())
     return "sha256:" + h.hexdigest()
+
+
+def check_attribute(name: str, values, n: int, where) -> np.ndarray:
+    """An attribute column as int8 0/1 (CelebA's -1/1 accepted and mapped to 0/1)."""
+    if not isinstance(name, str) or not name or name in (EMBEDDING, ID, TEXT, LABEL):
+        raise MsaeError(f"{where}: attribute name {name!r} is empty or a reserved column name")
+    v = np.asarray(values)
+    if v.shape != (n,):
+        raise MsaeError(f"{where}: attribute {name!r} has {v.size} values; expected {n} (one per row)")
+    uniq = set(np.unique(v).tolist())
+    if uniq <= {-1, 1}:
+        v = (v > 0)
+    elif not uniq <= {0, 1}:
+        raise MsaeError(f"{where}: attribute {name!r} holds {sorted(uniq)[:4]}; expected 0/1 (or -1/1) values")
+    return v.astype(np.int8)
 
 
 def created_now() -> str:
@@ -98,7 +129,8 @@ def created_now() -> str:
 
 def write_cache(path: str | os.PathLike, embeddings: np.ndarray, ids: Sequence[str], *,
                 model: str, pretrained: str, modality: str, source: str, split: str = "train",
-                texts: Sequence[str] | None = None, dtype: str = "float32", created: str | None = None,
+                texts: Sequence[str] | None = None, labels: Sequence[str] | None = None,
+                attributes: dict[str, np.ndarray] | None = None, dtype: str = "float32", created: str | None = None,
                 extra: dict[str, Any] | None = None, verify: bool = False) -> CacheInfo:
     """Write a cache atomically (temporary file in the same folder, then rename). Any size: the
     IPC writer's 64-bit option lets one record batch hold more than 2^31 - 1 values (the CC3M
@@ -116,6 +148,12 @@ def write_cache(path: str | os.PathLike, embeddings: np.ndarray, ids: Sequence[s
     n, d = embeddings.shape
     if len(ids) != n or (texts is not None and len(texts) != n):
         raise MsaeError(f"{path}: {n} embeddings but {len(ids)} ids" + ("" if texts is None else f" and {len(texts)} texts"))
+    if labels is not None and len(labels) != n:
+        raise MsaeError(f"{path}: {n} embeddings but {len(labels)} labels")
+    if labels is not None and any(not isinstance(v, str) or not v for v in labels):
+        bad = next(i for i, v in enumerate(labels) if not isinstance(v, str) or not v)
+        raise MsaeError(f"{path}: row {bad} (id {ids[bad]!r}) has no label; expected a non-empty label for every row")
+    attributes = {k: check_attribute(k, v, n, path) for k, v in (attributes or {}).items()}
     check_embeddings(embeddings, f"{path}", dtype)
     with atomic.new_file(path) as tmp:
         staging = None
@@ -128,15 +166,24 @@ def write_cache(path: str | os.PathLike, embeddings: np.ndarray, ids: Sequence[s
                     stored[s:s + _HASH_ROWS] = embeddings[s:s + _HASH_ROWS]
             info = CacheInfo(model=model, pretrained=pretrained, modality=modality, source=source, split=split,
                              n=n, d=d, dtype=dtype, created=created or created_now(), msae_version=__version__,
-                             content_hash=content_hash(stored, ids, texts), extra=dict(extra or {}))
+                             content_hash=content_hash(stored, ids, texts, labels, attributes),
+                             extra=dict(extra or {}))
             values = pa.array(np.asarray(stored).reshape(-1))
             columns = [pa.FixedSizeListArray.from_arrays(values, d), pa.array(list(ids), type=pa.string())]
             names = [EMBEDDING, ID]
             if texts is not None:
                 columns.append(pa.array(list(texts), type=pa.string()))
                 names.append(TEXT)
+            if labels is not None:
+                columns.append(pa.array(list(labels), type=pa.string()))
+                names.append(LABEL)
+            for name, values in attributes.items():
+                columns.append(pa.array(values, type=pa.int8()))
+                names.append(name)
             meta = {k: str(v) for k, v in info.to_dict().items() if k != "extra"}
             meta.update(format=FORMAT, format_version=FORMAT_VERSION, extra=json.dumps(info.extra, sort_keys=True))
+            if attributes:
+                meta["attributes"] = json.dumps(list(attributes))
             batch = pa.RecordBatch.from_arrays(columns, names=names)
             schema = batch.schema.with_metadata(meta)
             options = pa.ipc.IpcWriteOptions(allow_64bit=True)
@@ -182,7 +229,9 @@ def open_cache(path: str | os.PathLike, expect_dim: int | None = None, check_fin
     if verify:
         ids = batch.column(ID).to_pylist()
         texts = batch.column(TEXT).to_pylist() if TEXT in batch.schema.names else None
-        actual = content_hash(emb, ids, texts)
+        labels = batch.column(LABEL).to_pylist() if LABEL in batch.schema.names else None
+        attrs = {f.name: batch.column(f.name).to_numpy() for f in batch.schema if pa.types.is_int8(f.type)}
+        actual = content_hash(emb, ids, texts, labels, attrs)
         if actual != info.content_hash:
             raise MsaeError(f"{p}: content hash mismatch (metadata {info.content_hash}, data {actual}); "
                             "the file is corrupt")
@@ -225,8 +274,9 @@ def _read_info(p: Path, schema: pa.Schema) -> CacheInfo:
     et, it = schema.field(EMBEDDING).type, schema.field(ID).type
     if not pa.types.is_fixed_size_list(et) or str(et.value_type) not in ("float", "halffloat"):
         raise MsaeError(f"{p}: column {EMBEDDING!r} has type {et}; expected fixed_size_list<float32 or float16>[d]")
-    if not pa.types.is_string(it) or (TEXT in names and not pa.types.is_string(schema.field(TEXT).type)):
-        raise MsaeError(f"{p}: columns {ID!r} and {TEXT!r} must be strings")
+    if not pa.types.is_string(it) or any(c in names and not pa.types.is_string(schema.field(c).type)
+                                         for c in (TEXT, LABEL)):
+        raise MsaeError(f"{p}: columns {ID!r}, {TEXT!r} and {LABEL!r} must be strings")
     stored = "float16" if str(et.value_type) == "halffloat" else "float32"
     if meta["dtype"] != stored:
         raise MsaeError(f"{p}: metadata dtype {meta['dtype']!r} disagrees with the stored {stored}")

@@ -166,6 +166,259 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- interpretation (docs/interpret.md)
+
+def _labelled(path: str, option: str, d: int):
+    from msae.cache import is_cache, open_cache
+
+    if not Path(path).is_file():
+        raise MsaeError(f"{option} {path}: no such file")
+    if not is_cache(path):
+        raise MsaeError(f"{option} {path}: expected a labelled feature cache (.arrow)")
+    cache = open_cache(path, expect_dim=d)
+    if cache.labels is None:
+        raise MsaeError(f"{option} {path}: has no label column; expected a labelled cache (docs/cache-format.md)")
+    return cache
+
+
+def _vocab(path: str, d: int):
+    """A vocabulary text cache of dimension ``d``, and its words (texts, else ids)."""
+    from msae.cache import open_cache
+
+    if not Path(path).is_file():
+        raise MsaeError(f"--vocab {path}: no such file")
+    vocab = open_cache(path)
+    if vocab.info.d != d:
+        raise MsaeError(f"--vocab {path}: embeddings of dimension {vocab.info.d}; the model has d = {d}")
+    return vocab, vocab.texts or vocab.ids
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from msae import atomic, checkpoint
+    from msae.data import pick_device
+    from msae.interpret.probe import Probe, probe_fidelity, split_holdout, train_probe
+
+    out = _check_out_file(Path(args.out), args.overwrite)
+    sae = checkpoint.load(args.checkpoint, device=pick_device(args.device))
+    ks = _ks(args.k, sae.n)
+    data = _labelled(args.data, "--data", sae.d)
+    x, labels = data.embeddings, data.labels
+    report: dict = {}
+    if args.probe:
+        probe = Probe.load(args.probe)
+        report["probe"] = {"file": str(args.probe)}
+    else:
+        probe, report["probe"] = train_probe(x, labels, seed=args.seed, holdout=args.holdout)
+    if args.eval:
+        ev = _labelled(args.eval, "--eval", sae.d)
+        ex, elabels = ev.embeddings, ev.labels
+    else:
+        _, held = split_holdout(x.shape[0], args.holdout, args.seed)
+        ex, elabels = x[held], [labels[i] for i in held]
+    res = probe_fidelity(sae, probe, ex, elabels, ks)
+    if not args.probe:
+        probe_file = out.with_name(out.stem + ".probe.safetensors")
+        probe.save(probe_file)
+        report["probe"]["file"] = str(probe_file)
+    atomic.write_json(out, {**res, **report})
+    for key, r in res.items():
+        print(f"k={key}: kl={r['kl']:.4f} agreement={r['agreement']:.3f} "
+              f"accuracy original={r['accuracy_original']:.3f} reconstructed={r['accuracy_reconstructed']:.3f}")
+    return 0
+
+
+def cmd_name(args: argparse.Namespace) -> int:
+    import csv
+    import io
+
+    from msae import atomic, checkpoint
+    from msae.data import load_array
+    from msae.interpret.naming import name_latents
+
+    out = _check_out_file(Path(args.out), args.overwrite)
+    sae = checkpoint.load(args.checkpoint)
+    vocab, words = _vocab(args.vocab, sae.d)
+    data = None if args.data is None else load_array(args.data, expect_dim=sae.d)
+    nm = name_latents(sae, vocab.embeddings, words, top=args.top, mapping=args.mapping, threshold=args.threshold,
+                      data=data)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["latent", "name", "score", "named"] + (["frequency"] if nm.frequency is not None else [])
+               + ["top"])
+    for j, (names, scores) in enumerate(zip(nm.names, nm.scores)):
+        w.writerow([j, names[0], f"{scores[0]:.4f}", int(nm.named[j])]
+                   + ([f"{nm.frequency[j]:.6f}"] if nm.frequency is not None else [])
+                   + [";".join(f"{a}:{b:.3f}" for a, b in zip(names, scores))])
+    atomic.write_text(out, buf.getvalue())
+    print(f"named {int(nm.named.sum())} of {sae.n} latents (best score > {nm.threshold:.3f}, {args.mapping} mapping); "
+          f"wrote {out}")
+    return 0
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    from msae import atomic, checkpoint
+    from msae.interpret.align import align, directions
+
+    out = _check_out_file(Path(args.out), args.overwrite)
+    a, b = checkpoint.load(args.checkpoint_a), checkpoint.load(args.checkpoint_b)
+    if a.d != b.d:
+        raise MsaeError(f"align: {args.checkpoint_a} has d = {a.d}, {args.checkpoint_b} has d = {b.d}")
+    res = align(directions(a, args.by), directions(b, args.by))
+    res.pop("pairs")
+    atomic.write_json(out, {**res, "by": args.by})
+    print(f"mean matched cosine ({args.by}): {res['mean_cosine']:.4f} over {res['matched']} pairs; "
+          f"{res['fraction_above_0.9']:.1%} above 0.9")
+    return 0
+
+
+def _latent_for_word(sae, vocab_path: str | None, word: str, option: str) -> int:
+    """The latent whose best vocabulary name is ``word`` (the highest-scoring such latent)."""
+    from msae.interpret.naming import name_latents
+
+    if vocab_path is None:
+        raise MsaeError(f"{option} {word}: needs --vocab TEXT_CACHE to find the latent named {word!r}")
+    vocab, words = _vocab(vocab_path, sae.d)
+    if word not in words:
+        raise MsaeError(f"{option} {word}: not in the vocabulary {vocab_path} ({len(words)} entries)")
+    nm = name_latents(sae, vocab.embeddings, words, top=1)
+    hits = [j for j, names in enumerate(nm.names) if names[0] == word]
+    if not hits:
+        raise MsaeError(f"{option} {word}: no latent has {word!r} as its best name (see msae name)")
+    return max(hits, key=lambda j: nm.scores[j, 0])
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from msae import atomic, checkpoint
+    from msae.cache import open_cache
+    from msae.interpret.search import check_latent, steer, top_rows
+
+    out = None if args.out is None else _check_out_file(Path(args.out), args.overwrite)
+    sae = checkpoint.load(args.checkpoint)
+    if not Path(args.data).is_file():
+        raise MsaeError(f"--data {args.data}: no such file")
+    data = open_cache(args.data, expect_dim=sae.d)
+    ids, texts = data.ids, data.texts
+    if args.query is None:
+        if (args.latent is None) == (args.concept is None):
+            raise MsaeError("search: give exactly one of --latent J and --concept WORD (or --query ID with --add)")
+        latent = check_latent(sae, args.latent) if args.latent is not None else \
+            _latent_for_word(sae, args.vocab, args.concept, "--concept")
+        hits, score = top_rows(sae, data.embeddings, latent, args.top), "activation"
+    else:
+        if (args.latent is None) == (args.add is None):
+            raise MsaeError("search --query: give exactly one of --add WORD and --latent J (the steering direction)")
+        row = {v: i for i, v in enumerate(ids)}.get(args.query)
+        if row is None:
+            raise MsaeError(f"--query {args.query}: no row of {args.data} has this id")
+        latent = check_latent(sae, args.latent) if args.latent is not None else \
+            _latent_for_word(sae, args.vocab, args.add, "--add")
+        hits, score = steer(sae, data.embeddings, row, latent, args.scale, args.top), "cosine"
+    lines = [atomic.dumps({"rank": r, "row": i, "id": ids[i], **({"text": texts[i]} if texts else {}),
+                           score: round(v, 6), "latent": latent}, indent=None) for r, (i, v) in enumerate(hits, 1)]
+    if out is None:
+        print("\n".join(lines))
+    else:
+        atomic.write_text(out, "".join(line + "\n" for line in lines))
+        print(f"wrote {len(lines)} rows (latent {latent}) to {out}")
+    return 0
+
+
+def cmd_bias(args: argparse.Namespace) -> int:
+    import csv
+    import io
+
+    import numpy as np
+
+    from msae import atomic, checkpoint
+    from msae.cache import open_cache
+    from msae.interpret.bias import attribute_bias
+    from msae.interpret.naming import name_latents
+
+    out = _check_out_file(Path(args.out), args.overwrite)
+    sae = checkpoint.load(args.checkpoint)
+    if not Path(args.data).is_file():
+        raise MsaeError(f"--data {args.data}: no such file")
+    data = open_cache(args.data, expect_dim=sae.d)
+    attrs = data.attributes
+    if args.attribute not in attrs:
+        raise MsaeError(f"--attribute {args.attribute}: not an attribute column of {args.data} "
+                        f"(it has: {', '.join(attrs) or 'none'})")
+    names = None
+    if args.vocab:
+        vocab, words = _vocab(args.vocab, sae.d)
+        names = [n[0] for n in name_latents(sae, vocab.embeddings, words, top=1).names]
+    b = attribute_bias(sae, data.embeddings, attrs[args.attribute], replicates=args.bootstrap, seed=args.seed)
+    order = np.argsort(-b.effect, kind="stable")
+    picks = [(j, "more") for j in order[:args.top]] + [(j, "less") for j in order[::-1][:args.top]]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["direction", "rank", "latent", "effect", "ci_low", "ci_high", "rate_with", "rate_without",
+                "mean_with", "mean_without"] + (["name"] if names else []))
+    for rank, (j, direction) in enumerate(picks):
+        w.writerow([direction, rank % args.top + 1, int(j), f"{b.effect[j]:.4f}", f"{b.ci[0, j]:.4f}",
+                    f"{b.ci[1, j]:.4f}", f"{b.rate[1, j]:.4f}", f"{b.rate[0, j]:.4f}", f"{b.mean[1, j]:.4f}",
+                    f"{b.mean[0, j]:.4f}"] + ([names[j]] if names else []))
+    atomic.write_text(out, buf.getvalue())
+    top = ", ".join(f"{j} ({b.effect[j]:+.2f}{', ' + names[j] if names else ''})" for j, _ in picks[:3])
+    print(f"{args.attribute}: {b.counts[1]} rows with, {b.counts[0]} without; most raised latents: {top}; wrote {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import shutil
+
+    from msae import atomic, checkpoint
+    from msae.cache import open_cache
+    from msae.data import pick_device
+    from msae.interpret.naming import name_latents
+    from msae.interpret.report import MARKER, Samples, latent_stats, make_thumbnails, write_report
+
+    out = Path(args.out)
+    atomic.check_output_folder(out, "--out", args.overwrite, "an earlier msae report")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise MsaeError(f"--out {out}: holds files but no {MARKER}; --overwrite replaces only an earlier msae report")
+    if args.per_page < 1 or args.samples < 1:
+        raise MsaeError("report: --per-page and --samples must be at least 1")
+    sae = checkpoint.load(args.checkpoint, device=pick_device(args.device))
+    if not Path(args.data).is_file():
+        raise MsaeError(f"--data {args.data}: no such file")
+    data = open_cache(args.data, expect_dim=sae.d)
+    images = None
+    if args.images:
+        images = Path(args.images)
+        if not images.is_dir():
+            raise MsaeError(f"--images {images}: no such folder")
+    names = scores = named = None
+    if args.vocab:
+        vocab, words = _vocab(args.vocab, sae.d)
+        nm = name_latents(sae, vocab.embeddings, words, top=args.words)
+        names, scores, named = nm.names, nm.scores, nm.named
+    x = data.embeddings
+    if args.rows and args.rows < x.shape[0]:
+        import numpy as np
+        rows = np.sort(np.random.default_rng(0).choice(x.shape[0], args.rows, replace=False))
+        x, ids = x[rows], [data.ids[i] for i in rows]
+        texts = None if data.texts is None else [data.texts[i] for i in rows]
+        labels = None if data.labels is None else [data.labels[i] for i in rows]
+    else:
+        ids, texts, labels = data.ids, data.texts, data.labels
+    st = latent_stats(sae, x, samples=args.samples)
+    title = args.title or f"{Path(args.checkpoint).name} on {Path(args.data).name}"
+    tmp = atomic.temp_dir_beside(out)
+    try:
+        thumbs, failed = make_thumbnails(st.top_rows.ravel(), ids, images, tmp / "thumbs") if images else ({}, 0)
+        summary = write_report(sae, st, tmp, Samples(ids, texts, thumbs, labels), names, scores, named, title, args.per_page)
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        atomic.swap_dir(tmp, out)  # an earlier report is replaced whole; a failure leaves it as it was
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    note = f"; {failed} images could not be read (shown by id)" if failed else ""
+    print(f"report of {sae.n} latents on {st.rows} rows ({summary['pages']} pages, {summary['dead_latents']} never fire"
+          + (f", {summary['named_latents']} named" if named is not None else "") + f"{note}): {out / 'index.html'}")
+    return 0
+
+
 # ---------------------------------------------------------------- data
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -173,7 +426,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     res = extract(args.model, args.pretrained, args.out, images=args.images, texts=args.texts, text_column=args.text_column,
                   batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype, split=args.split,
-                  overwrite=args.overwrite, progress=not args.quiet)
+                  overwrite=args.overwrite, progress=not args.quiet, labels=args.labels, attributes=args.attributes)
     print(f"wrote {res['rows']} x {res['d']} {res['modality']} embeddings ({res['model']}, {res['pretrained']}) "
           f"to {res['out']}; skipped {res['skipped']}")
     return 0
@@ -183,7 +436,9 @@ def cmd_import_features(args: argparse.Namespace) -> int:
     from msae.importers import import_features
 
     info = import_features(args.file, args.out, column=args.column, model=args.model, pretrained=args.pretrained,
-                           modality=args.modality, split=args.split, dtype=args.dtype, overwrite=args.overwrite)
+                           modality=args.modality, split=args.split, dtype=args.dtype, overwrite=args.overwrite,
+                           id_column=args.id_column, text_column=args.text_column, label_column=args.label_column,
+                           attribute_columns=args.attribute_columns or [])
     print(f"imported {info.n} x {info.d} embeddings from {args.file} to {args.out}")
     return 0
 
@@ -362,6 +617,85 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output JSON file")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
+    pr = command("probe", "linear-probe fidelity of a checkpoint's reconstructions (docs/interpret.md)", cmd_probe,
+                 "Train a linear probe on the original embeddings of a labelled cache (or load one with --probe) and\n"
+                 "measure how its predictions change on the reconstructions: KL, agreement, accuracies; JSON keyed by k.")
+    pr.add_argument("checkpoint", help="checkpoint folder")
+    pr.add_argument("--data", required=True, help="labelled feature cache the probe is trained on")
+    pr.add_argument("--eval", help="labelled cache to measure on (default: the held-out part of --data)")
+    pr.add_argument("--probe", help="a probe saved by an earlier msae probe (.probe.safetensors): no training")
+    pr.add_argument("--k", help="comma-separated k values, or 'progressive'; default: the own code")
+    pr.add_argument("--holdout", type=float, default=0.1, help="fraction of --data held out for early stopping")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the split and the probe's initialisation")
+    pr.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    pr.add_argument("--out", required=True, help="output JSON file (the probe is saved beside it)")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+    nm = command("name", "name every latent from a vocabulary of text embeddings (docs/interpret.md)", cmd_name)
+    nm.add_argument("checkpoint", help="checkpoint folder")
+    nm.add_argument("--vocab", required=True, help="text feature cache of the vocabulary (msae extract --texts)")
+    nm.add_argument("--top", type=int, default=5, help="names kept per latent")
+    nm.add_argument("--mapping", choices=["centred", "reference"], default="centred",
+                    help="centred: decoder direction vs mean-centred vocabulary; reference: W_dec/s + mean vs raw")
+    nm.add_argument("--threshold", type=float, help="score above which a latent is named (default: calibrated so "
+                    "that random directions are named about 1%% of the time)")
+    nm.add_argument("--data", help="embeddings on which to measure each latent's firing frequency")
+    nm.add_argument("--out", required=True, help="output CSV file")
+    nm.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+    al = command("align", "seed alignment of two checkpoints: mean matched cosine (Hungarian)", cmd_align)
+    al.add_argument("checkpoint_a", help="checkpoint folder")
+    al.add_argument("checkpoint_b", help="checkpoint folder")
+    al.add_argument("--by", choices=["decoder", "encoder"], default="decoder", help="which directions to match")
+    al.add_argument("--out", required=True, help="output JSON file")
+    al.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+    se = command("search", "rows that activate a latent or concept most, or concept steering of a query",
+                 cmd_search, "Concept-based similarity search (JSON lines, strongest first):\n"
+                 "  --latent J | --concept WORD --vocab V      the rows that activate the latent most\n"
+                 "  --query ID (--add WORD --vocab V | --latent J) [--scale S]\n"
+                 "      the rows nearest (cosine) to the query's embedding steered along the latent")
+    se.add_argument("checkpoint", help="checkpoint folder")
+    se.add_argument("--data", required=True, help="feature cache to search (its ids and texts are printed)")
+    se.add_argument("--latent", type=int, help="latent index")
+    se.add_argument("--concept", help="a vocabulary word: the latent whose best name it is")
+    se.add_argument("--vocab", help="text feature cache of the vocabulary (for --concept and --add)")
+    se.add_argument("--query", help="id of the row to steer")
+    se.add_argument("--add", help="a vocabulary word: steer the query along the latent it names")
+    se.add_argument("--scale", type=float, default=1.0, help="steering strength, in units of the latent's largest "
+                    "activation on --data")
+    se.add_argument("--top", type=int, default=10, help="rows to return")
+    se.add_argument("--out", help="write the JSON lines to this file instead of the terminal")
+    se.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+    bi = command("bias", "latents that fire more or less on rows with an attribute (docs/interpret.md)", cmd_bias)
+    bi.add_argument("checkpoint", help="checkpoint folder")
+    bi.add_argument("--data", required=True, help="feature cache with attribute columns")
+    bi.add_argument("--attribute", required=True, help="the attribute column")
+    bi.add_argument("--top", type=int, default=10, help="latents listed per direction")
+    bi.add_argument("--vocab", help="text feature cache of a vocabulary: adds each latent's best name")
+    bi.add_argument("--bootstrap", type=int, default=100, help="bootstrap replicates of the confidence interval")
+    bi.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    bi.add_argument("--out", required=True, help="output CSV file")
+    bi.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+    rp = command("report", "latent cards: a static, offline HTML report of a checkpoint (docs/interpret.md)",
+                 cmd_report, "Index of latents by firing frequency (with names from --vocab), one card per latent\n"
+                 "(top-activating rows, activation histogram, top words), and the decoder-orthogonality and\n"
+                 "activation-statistics figures; paginated. Open OUT/index.html.")
+    rp.add_argument("checkpoint", help="checkpoint folder")
+    rp.add_argument("--data", required=True, help="feature cache whose rows are shown (ids, texts)")
+    rp.add_argument("--images", help="image root: ROOT/ID is each row's image (thumbnails in the report)")
+    rp.add_argument("--vocab", help="text feature cache of a vocabulary: names and top words")
+    rp.add_argument("--samples", type=int, default=8, help="top-activating rows per latent")
+    rp.add_argument("--words", type=int, default=5, help="top vocabulary words per latent")
+    rp.add_argument("--per-page", type=int, default=200, help="latents per index page (and card page)")
+    rp.add_argument("--rows", type=int, help="use a seeded random subset of this many rows (default: all)")
+    rp.add_argument("--title", help="report title (default: checkpoint and cache names)")
+    rp.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    rp.add_argument("--out", required=True, help="output folder (new, empty, or an earlier report with --overwrite)")
+    rp.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+
     x = command("extract", "embed images or texts with an open_clip model into a feature cache", cmd_extract)
     x.add_argument("--model", required=True, help="open_clip model name, or a model-config .json file")
     x.add_argument("--pretrained", required=True, help="open_clip pretrained tag, or a local weights file")
@@ -369,6 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images", help="folder of images (recursive), or tar shards (file, {000..009} range, glob)")
     src.add_argument("--texts", help=".txt (one text per line), .csv or .parquet file")
     x.add_argument("--text-column", help="column of a .csv/.parquet texts file (default: text)")
+    x.add_argument("--labels", help="CSV with columns id,label: the rows' labels (default for an image folder: "
+                   "each image's class folder, the first folder level under it)")
+    x.add_argument("--attributes", help="CSV with an id column and one 0/1 (or -1/1) column per attribute")
     x.add_argument("--batch-size", type=int, default=256, help="inputs per forward pass")
     x.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
     x.add_argument("--device", default="auto", help="auto (CUDA with fp16 autocast when present), cpu, cuda:N")
@@ -381,6 +718,11 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("file", help="the embeddings to import")
     im.add_argument("--out", required=True, help="cache file to write (.arrow)")
     im.add_argument("--column", help="the list column holding embeddings (tables with several)")
+    im.add_argument("--id-column", help="column of row ids (default: 'id' when present, else row numbers)")
+    im.add_argument("--text-column", help="column of texts (default: 'text' when present)")
+    im.add_argument("--label-column", help="column of class labels (stored as the cache's label column)")
+    im.add_argument("--attribute-columns", type=lambda v: [a for a in v.split(",") if a],
+                    help="comma-separated 0/1 (or -1/1) columns stored as attributes")
     im.add_argument("--model", default="unknown", help="model name to record")
     im.add_argument("--pretrained", default="unknown", help="pretrained tag or weights hash to record")
     im.add_argument("--modality", choices=["image", "text"], default="image", help="modality to record")

@@ -241,8 +241,13 @@ def _open_partial(part: Path, key: str) -> _State:
 def extract(model: str, pretrained: str, out: str | os.PathLike, *, images: str | None = None,
             texts: str | None = None, text_column: str | None = None, batch_size: int = 256,
             workers: int = 2, device: str = "auto", dtype: str = "float32", split: str = "train",
-            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) one extraction; returns a summary."""
+            overwrite: bool = False, progress: bool = True, labels: str | None = None,
+            attributes: str | None = None) -> dict[str, Any]:
+    """Run (or resume) one extraction; returns a summary. Image rows get a ``label`` from ``labels``
+    (a CSV id,label) or else from their class folder (first folder level under an image folder);
+    ``attributes`` (a CSV id,A,B,...) adds 0/1 attribute columns."""
+    from msae.labels import (attributes_for, folder_labels, labels_for, read_attributes,
+                             read_labels)
     from tqdm import tqdm
 
     from msae.data import pick_device
@@ -265,6 +270,18 @@ def extract(model: str, pretrained: str, out: str | os.PathLike, *, images: str 
             raise MsaeError(f"--texts {texts}: holds no texts")
         ids = [str(i) for i in range(len(items))]
         modality, source = "text", str(texts)
+    # labels and attributes are checked against every input before any work, and applied on write
+    if labels is not None:
+        label_of = dict(zip(ids, labels_for(ids, read_labels(labels), "--labels")))
+    elif images is not None and Path(images).is_dir():
+        tops, why = folder_labels(ids)
+        label_of = None if tops is None else dict(zip(ids, tops))
+        if why and any("/" in i for i in ids):  # a class-folder tree with strays: say why there are no labels
+            print(f"msae extract: no label column: {why} (give --labels FILE.csv)", file=sys.stderr)
+    else:
+        label_of = None
+    attr_tables = read_attributes(attributes) if attributes is not None else {}
+    attributes_for(ids, attr_tables, "--attributes")
     net, transform, tokenizer, name, record = load_model(model, pretrained, dev)
     amp = dev.type == "cuda"
     # what the extracted values depend on (not --dtype or --split: they only matter when the cache is written)
@@ -315,8 +332,11 @@ def extract(model: str, pretrained: str, out: str | os.PathLike, *, images: str 
              "device": dev.type, "precision": "fp16-autocast" if amp else "fp32",
              "open_clip_version": _open_clip_version(), "normalized": False}
     try:  # the partial state stays until the written cache verifies: a failed write loses no work
-        info = write_cache(out, emb, [r["id"] for r in recs], model=name, pretrained=record, modality=modality,
+        kept = [r["id"] for r in recs]
+        info = write_cache(out, emb, kept, model=name, pretrained=record, modality=modality,
                            source=source, split=split, texts=[r["text"] for r in recs] if modality == "text" else None,
+                           labels=None if label_of is None else [label_of[i] for i in kept],
+                           attributes=attributes_for(kept, attr_tables, "--attributes"),
                            dtype=dtype, created=st.created, extra=extra, verify=True)
     except (MsaeError, OSError) as e:
         raise MsaeError(f"{e}; the {st.rows} extracted embeddings are kept in {part}: run the command again "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -92,37 +92,64 @@ def _batch_embeddings(path: Path, col: pa.Array, name: str, start: int, d: int |
     return arr.astype(np.float32, copy=False)
 
 
-def _stage_table(path: Path, column: str | None, staging: Path) -> tuple[np.ndarray, list[str] | None, list[str] | None]:
+def _named_column(path: Path, schema: pa.Schema, name: str | None, default: str, option: str) -> str | None:
+    """The column given with ``option`` (an error when missing), else ``default`` when present."""
+    if name is None:
+        return default if default in schema.names else None
+    if name not in schema.names:
+        raise MsaeError(f"{option} {name}: no such column in {path} (columns: {', '.join(schema.names)})")
+    return name
+
+
+def _stage_table(path: Path, column: str | None, staging: Path, id_column: str | None = None,
+                 text_column: str | None = None, label_column: str | None = None,
+                 attribute_columns: Sequence[str] = ()) -> tuple[np.ndarray, dict[str, Any]]:
     """Copy a table's embeddings into a float32 file ``staging``, batch by batch; returns a
-    memory-mapped (N, d) view of it and the id / text columns when present."""
-    ids: list[str] | None = None
-    texts: list[str] | None = None
+    memory-mapped (N, d) view of it and the other columns present or asked for (ids, texts, labels,
+    attributes)."""
     rows, d = 0, None
     with _open_batches(path) as (schema, batches), open(staging, "wb") as out:
         name = _vector_column(path, schema, column)
-        has_id = "id" in schema.names
-        has_text = "text" in schema.names and pa.types.is_string(schema.field("text").type)
-        ids = [] if has_id else None
-        texts = [] if has_text else None
+        id_col = _named_column(path, schema, id_column, "id", "--id-column")
+        text_col = _named_column(path, schema, text_column, "text", "--text-column")
+        if text_column is None and text_col is not None and not pa.types.is_string(schema.field(text_col).type):
+            text_col = None
+        label_col = _named_column(path, schema, label_column, "", "--label-column") if label_column else None
+        for a in attribute_columns:
+            _named_column(path, schema, a, "", "--attribute-columns")
+        cols: dict[str, list] = {k: [] for k, c in (("ids", id_col), ("texts", text_col), ("labels", label_col))
+                                 if c is not None}
+        attrs: dict[str, list] = {a: [] for a in attribute_columns}
         for batch in batches:
             if batch.num_rows == 0:
                 continue
             emb = _batch_embeddings(path, batch.column(name), name, rows, d)
             d = emb.shape[1]
             out.write(np.ascontiguousarray(emb, dtype="<f4").tobytes())
-            if has_id:
-                ids += [str(v) for v in batch.column("id").to_pylist()]
-            if has_text:
-                texts += ["" if v is None else v for v in batch.column("text").to_pylist()]
+            if id_col is not None:
+                cols["ids"] += [str(v) for v in batch.column(id_col).to_pylist()]
+            if text_col is not None:
+                cols["texts"] += ["" if v is None else str(v) for v in batch.column(text_col).to_pylist()]
+            if label_col is not None:
+                cols["labels"] += ["" if v is None else str(v) for v in batch.column(label_col).to_pylist()]
+            for a in attribute_columns:
+                values = batch.column(a).to_pylist()
+                bad = next((v for v in values if not isinstance(v, (bool, int))), "ok")
+                if bad != "ok":
+                    raise MsaeError(f"--attribute-columns {a}: holds {bad!r}; expected integers 0/1 (or -1/1)")
+                attrs[a] += [int(v) for v in values]
             rows += batch.num_rows
     if rows == 0 or d is None:
         raise MsaeError(f"{path}: the table has no rows")
-    return np.memmap(staging, dtype="<f4", mode="r", shape=(rows, d)), ids, texts
+    return np.memmap(staging, dtype="<f4", mode="r", shape=(rows, d)), {
+        **cols, "attributes": {a: np.array(v) for a, v in attrs.items()}}
 
 
 def import_features(src: str | os.PathLike, out: str | os.PathLike, *, column: str | None = None,
                     model: str = "unknown", pretrained: str = "unknown", modality: str = "image",
-                    split: str = "train", dtype: str = "float32", overwrite: bool = False) -> CacheInfo:
+                    split: str = "train", dtype: str = "float32", overwrite: bool = False,
+                    id_column: str | None = None, text_column: str | None = None, label_column: str | None = None,
+                    attribute_columns: Sequence[str] = ()) -> CacheInfo:
     src, out = Path(src), Path(out)
     if not src.is_file():
         raise MsaeError(f"{src}: no such file")
@@ -130,15 +157,23 @@ def import_features(src: str | os.PathLike, out: str | os.PathLike, *, column: s
         raise MsaeError(f"--out {out}: exists; choose another path or pass --overwrite")
     extra: dict[str, Any] = {}
     if src.suffix.lower() == ".npy":
+        if id_column or text_column or label_column or attribute_columns:
+            raise MsaeError(f"{src}: a .npy file has no columns; --id-column, --text-column, --label-column and "
+                            "--attribute-columns need a Parquet or Arrow table")
         emb = load_array(src)
         extra["imported_from"] = "npy"
         return write_cache(out, emb, [str(i) for i in range(emb.shape[0])], model=model, pretrained=pretrained,
                            modality=modality, source=str(src), split=split, dtype=dtype, extra=extra)
     extra["imported_from"] = "parquet" if src.suffix.lower() == ".parquet" else "arrow"
     with atomic.scratch_file(out) as staging:
-        emb, ids, texts = _stage_table(src, column, staging)
-        info = write_cache(out, emb, ids if ids is not None else [str(i) for i in range(emb.shape[0])],
-                           model=model, pretrained=pretrained, modality=modality, source=str(src), split=split,
-                           texts=texts, dtype=dtype, extra=extra)
+        emb, cols = _stage_table(src, column, staging, id_column, text_column, label_column, attribute_columns)
+        ids = cols.get("ids") or [str(i) for i in range(emb.shape[0])]
+        labels = cols.get("labels")
+        if labels is not None and not all(labels):
+            bad = next(i for i, v in zip(ids, labels) if not v)
+            raise MsaeError(f"--label-column {label_column}: no label for id {bad!r}; expected one for every row")
+        info = write_cache(out, emb, ids, model=model, pretrained=pretrained, modality=modality, source=str(src),
+                           split=split, texts=cols.get("texts"), labels=labels, attributes=cols["attributes"],
+                           dtype=dtype, extra=extra)
         del emb
     return info

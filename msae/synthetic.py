@@ -165,14 +165,49 @@ def recovery_score(decoder: np.ndarray, truth: GroundTruth) -> dict[str, float]:
     return out
 
 
+def feature_names(truth: GroundTruth) -> list[str]:
+    """A name per true feature: roots r0, r1, ...; the j-th child of feature NAME is NAME.j."""
+    names: list[str] = []
+    siblings: dict[int, int] = {}
+    for f, (lvl, par) in enumerate(zip(truth.level.tolist(), truth.parent.tolist())):
+        if lvl == 0:
+            names.append(f"r{f}")
+        else:
+            j = siblings.get(par, 0)
+            siblings[par] = j + 1
+            names.append(f"{names[par]}.{j}")
+    return names
+
+
+def row_labels(data: SyntheticData) -> list[str]:
+    """Each row's label: the name of its strongest root feature ('none' where no root fires)."""
+    roots = np.flatnonzero(data.truth.level == 0)
+    names = feature_names(data.truth)
+    codes = data.codes[:, roots]
+    best = codes.argmax(1)
+    return [names[roots[b]] if codes[i, b] > 0 else "none" for i, b in enumerate(best.tolist())]
+
+
+def vocabulary(world: World, magnitude: float = 2.0) -> tuple[np.ndarray, list[str]]:
+    """One text-like embedding per true feature (the text offset plus the feature's direction at
+    ``magnitude``, as if its name were embedded), and the names."""
+    x = world.offsets["text"] + magnitude * world.truth.dictionary.astype(np.float64)
+    return x.astype(np.float32), feature_names(world.truth)
+
+
 TRUTH_FILE = "truth.safetensors"
+# The attribute column of the synthetic image caches: whether root feature r1 fires (for msae bias).
+ATTRIBUTE, ATTRIBUTE_FEATURE = "has_r1", 1
+VOCAB_FILE = "vocab.arrow"
 SPLITS = {("image", "train"): 1, ("image", "val"): 2, ("text", "train"): 3, ("text", "val"): 4}
 
 
 def synthetic_files(out: str | os.PathLike) -> dict[str, Path]:
-    """The files ``msae synth --out DIR`` writes: DIR/{image,text}_{train,val}.arrow and DIR/truth.safetensors."""
+    """The files ``msae synth --out DIR`` writes: DIR/{image,text}_{train,val}.arrow (image caches
+    labelled), DIR/vocab.arrow and DIR/truth.safetensors."""
     out = Path(out)
-    return {f"{m}_{s}": out / f"{m}_{s}.arrow" for m, s in SPLITS} | {"truth": out / TRUTH_FILE}
+    return ({f"{m}_{s}": out / f"{m}_{s}.arrow" for m, s in SPLITS}
+            | {"vocab": out / VOCAB_FILE, "truth": out / TRUTH_FILE})
 
 
 def write_synthetic(out_dir: str | os.PathLike, n_train: int = 20000, n_val: int = 4000, *, dtype: str = "float32",
@@ -198,9 +233,14 @@ def write_synthetic(out_dir: str | os.PathLike, n_train: int = 20000, n_val: int
             data = sample(world, n_train if split == "train" else n_val, modality, sample_seed)
             write_cache(tmp / f"{modality}_{split}.arrow", data.x, [str(i) for i in range(data.x.shape[0])],
                         model="synthetic", pretrained="none", modality=modality, source=f"msae synth {params}",
-                        split=split, dtype=dtype,
+                        split=split, dtype=dtype, labels=row_labels(data) if modality == "image" else None,
+                        attributes={ATTRIBUTE: data.codes[:, ATTRIBUTE_FEATURE] > 0} if modality == "image" else None,
                         extra={"truth": TRUTH_FILE, "features": int(world.truth.dictionary.shape[0]),
                                "true_l0": data.codes_l0, "sample_seed": sample_seed})
+        vocab, names = vocabulary(world)
+        write_cache(tmp / VOCAB_FILE, vocab, names, texts=names, model="synthetic", pretrained="none",
+                    modality="text", source=f"msae synth {params}", split="vocabulary", dtype=dtype,
+                    extra={"truth": TRUTH_FILE})
         if not out.exists() or not any(out.iterdir()):
             os.replace(tmp, out)
         else:

@@ -11,8 +11,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "msae"
 # layer of each module (a prefix names a package and everything in it); a module may import its own layer
 # or lower ones, never a higher one
 LAYERS = [
-    (0, ("msae.errors", "msae.version", "msae.atomic", "msae.arrays")),
-    (1, ("msae.cache", "msae.data", "msae.synthetic", "msae.importers", "msae.extract")),
+    (0, ("msae.errors", "msae.version", "msae.atomic", "msae.arrays", "msae.plotting")),
+    (1, ("msae.cache", "msae.data", "msae.labels", "msae.synthetic", "msae.importers", "msae.extract")),
     (2, ("msae.config", "msae.sae", "msae.losses", "msae.metrics", "msae.preprocess", "msae.pareto")),
     (3, ("msae.train", "msae.evaluate", "msae.checkpoint", "msae.reference", "msae.interpret")),
     (4, ("msae.sweep",)),

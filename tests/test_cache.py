@@ -187,6 +187,28 @@ def test_import_reference_npy_and_parquet_list_columns(tmp_path, emb):
     assert open_cache(tmp_path / "fixed.parquet.cache.arrow").texts == ["c"] * 300
 
 
+def test_import_id_text_label_and_attribute_columns(tmp_path, emb, capsys):
+    fixed = pa.FixedSizeListArray.from_arrays(pa.array(emb[:6].ravel()), 16)
+    pq.write_table(pa.table({"vec": fixed, "key": [f"img{i}" for i in range(6)], "caption": list("abcdef"),
+                             "cls": ["cat", "dog"] * 3, "Smiling": [1, -1] * 3, "Young": [0, 0, 1, 1, 0, 1]}),
+                   tmp_path / "t.parquet")
+    out = tmp_path / "t.arrow"
+    assert main(["import-features", str(tmp_path / "t.parquet"), "--out", str(out), "--id-column", "key",
+                 "--text-column", "caption", "--label-column", "cls", "--attribute-columns", "Smiling,Young"]) == 0
+    c = open_cache(out, verify=True)
+    assert c.ids == [f"img{i}" for i in range(6)] and c.texts == list("abcdef") and c.labels == ["cat", "dog"] * 3
+    assert {k: v.tolist() for k, v in c.attributes.items()} == {"Smiling": [1, 0] * 3, "Young": [0, 0, 1, 1, 0, 1]}
+    capsys.readouterr()
+    pq.write_table(pa.table({"vec": fixed, "cls": ["cat", None, "dog", "dog", "cat", "cat"]}), tmp_path / "n.parquet")
+    for args, message in ((["--label-column", "nope"], "--label-column nope: no such column"),
+                          (["--label-column", "cls"], "no label for id '1'"),
+                          (["--attribute-columns", "cls"], "--attribute-columns cls: holds 'cat'")):
+        assert main(["import-features", str(tmp_path / "n.parquet"), "--out", str(tmp_path / "bad.arrow"), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "bad.arrow").exists()
+
+
 def test_import_errors(tmp_path, emb):
     ragged = pa.array([[1.0, 2.0], [1.0], [3.0, 4.0]], pa.list_(pa.float32()))
     pq.write_table(pa.table({"v": ragged}), tmp_path / "ragged.parquet")

@@ -80,6 +80,43 @@ def test_images_folder_equals_in_memory_model(tmp_path, tiny, capsys):
     assert c.info.pretrained.startswith("file:tiny-clip.safetensors:sha256:")
     assert c.info.extra["skipped_ids"] == ["set1/broken.jpg"]
     assert not (tmp_path / "img.arrow.partial").exists()
+    # ImageFolder convention: the first folder level under the image folder is the label
+    assert c.labels == [p.relative_to(tmp_path / "imgs").parts[0] for p in paths]
+
+
+def test_labels_and_attributes_from_csv(tmp_path, tiny, capsys):
+    paths = _write_images(tmp_path / "imgs", count=4)
+    ids = [p.relative_to(tmp_path / "imgs").as_posix() for p in paths]
+    (tmp_path / "labels.csv").write_text("id,label\n" + "".join(f"{i},class{n % 2}\n" for n, i in enumerate(ids))
+                                         + "set1/broken.jpg,class9\n")
+    (tmp_path / "attrs.csv").write_text("id,Smiling,Young\n" + "".join(
+        f"{i},{1 if n % 2 else -1},{n % 2}\n" for n, i in enumerate(ids + ["set1/broken.jpg"])))
+    out = tmp_path / "l.arrow"
+    assert _extract(tiny, "--images", str(tmp_path / "imgs"), "--labels", str(tmp_path / "labels.csv"),
+                    "--attributes", str(tmp_path / "attrs.csv"), "--out", str(out)) == 0
+    c = open_cache(out, verify=True)
+    assert c.ids == ids and c.labels == [f"class{n % 2}" for n in range(4)]
+    assert {k: v.tolist() for k, v in c.attributes.items()} == {"Smiling": [0, 1, 0, 1], "Young": [0, 1, 0, 1]}
+    capsys.readouterr()
+    # a row without a label, or without an attribute value: one line naming the first such id
+    (tmp_path / "short.csv").write_text(f"id,label\n{ids[0]},a\n")
+    (tmp_path / "attr_short.csv").write_text(f"id,Smiling\n{ids[0]},1\n")
+    for option, csv_file, message in (("--labels", "short.csv", f"--labels: no label for id {ids[1]!r}"),
+                                      ("--attributes", "attr_short.csv",
+                                       f"attribute 'Smiling' has no value for id {ids[1]!r}")):
+        bad = tmp_path / "bad.arrow"
+        assert _extract(tiny, "--images", str(tmp_path / "imgs"), option, str(tmp_path / csv_file),
+                        "--out", str(bad)) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not bad.exists() and not (tmp_path / "bad.arrow.partial").exists()
+    # images directly in the folder: no class folders, so no label column (and a note when mixed)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in paths[:2]:
+        (flat / p.name).write_bytes(p.read_bytes())
+    assert _extract(tiny, "--images", str(flat), "--out", str(tmp_path / "flat.arrow")) == 0
+    assert open_cache(tmp_path / "flat.arrow").labels is None
 
 
 def test_tar_shards_in_shard_then_member_order(tmp_path, tiny):

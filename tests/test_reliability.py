@@ -89,7 +89,8 @@ def test_synth_out_replaces_only_its_own_files(tmp_path, capsys):
     assert main(["synth", "--out", str(out), "--n", "50", "--n-val", "20", "--d", "8", "--overwrite"]) == 0
     capsys.readouterr()
     assert sorted(p.name for p in out.iterdir()) == sorted(["paper.pdf", "image_train.arrow", "image_val.arrow",
-                                                            "text_train.arrow", "text_val.arrow", "truth.safetensors"])
+                                                            "text_train.arrow", "text_val.arrow", "truth.safetensors",
+                                                            "vocab.arrow"])
     assert (out / "paper.pdf").read_text() == "x"
 
 

@@ -76,7 +76,8 @@ def test_synth_cli_caches_truth_and_evaluate_recovery(tmp_path, capsys):
     assert main(["synth", "--out", str(out), "--n", "3000", "--n-val", "500", "--d", "32", "--roots", "8",
                  "--branching", "2"]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["image_train.arrow", "image_val.arrow", "text_train.arrow", "text_val.arrow", "truth.safetensors"]
+    assert names == ["image_train.arrow", "image_val.arrow", "text_train.arrow", "text_val.arrow", "truth.safetensors",
+                     "vocab.arrow"]
     c = open_cache(out / "text_val.arrow", verify=True)
     assert (c.info.n, c.info.d, c.info.modality, c.info.split, c.info.model) == (500, 32, "text", "val", "synthetic")
     truth = GroundTruth.load(out / "truth.safetensors")

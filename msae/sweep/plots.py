@@ -1,31 +1,11 @@
-"""PNG plots of a sweep: the Pareto fronts, and one trial's progressive-recovery curve.
-
-matplotlib is not thread-safe (the tracking thread plots curves while the driver plots fronts):
-every plot is drawn under one lock.
-"""
+"""PNG plots of a sweep: the Pareto fronts, and one trial's progressive-recovery curve (each drawn
+under the package's one matplotlib lock, msae.plotting)."""
 from __future__ import annotations
 
-import functools
-import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-_LOCK = threading.Lock()
-
-
-def _locked(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with _LOCK:
-            return fn(*args, **kwargs)
-    return wrapper
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+from msae.plotting import locked as _locked, pyplot as _pyplot
 
 
 @_locked
