@@ -36,7 +36,7 @@ VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 EPOCH_METRICS = ("train_loss", "train_l0", "lr_schedule", "dead_fraction_train")
 HEADLINE = ("fvu", "fvu_dataset", "cosine", "l0", "zero_fraction", "dead_fraction", "nmse")
 PER_CACHE = ("fvu", "fvu_dataset", "cosine", "l0", "dead_fraction")
-FINAL_METRICS = ("cknna_recon", "decoder_orthogonality", "probe_kl", "probe_agreement", "named_latents")
+FINAL_METRICS = ("cknna_recon", "decoder_orthogonality", "probe_kl", "probe_agreement", "probe_accuracy", "named_latents")
 STRING_TAGS = ("node_id", "data_access", "data_mapping")
 
 
@@ -221,7 +221,13 @@ class SweepTracker:
         else:
             self.client.set_terminated(self.parent_id, status=status)
 
-    def log_fronts(self, fronts: dict[str, Any], note: str) -> None:
+    def log_report(self, key: str) -> None:
+        """A trial's latent-card report (the sweep folder's reports/KEY) on its run, as report/."""
+        folder = self.sweep.report_dir(key)
+        if key in self.runs and folder.is_dir():
+            self.client.log_artifacts(self.runs[key], str(folder), artifact_path="report")
+
+    def log_fronts(self, fronts: dict[str, Any], note: str, plane: str = "fvu") -> None:
         """The fronts (the sweep folder's pareto/) on the parent run: artifacts, hypervolume metrics,
         the run ids of the overall front, and a description holding the front table."""
         from mlflow.entities import Metric, RunTag
@@ -229,7 +235,7 @@ class SweepTracker:
         now = int(time.time() * 1000)
         self.client.log_artifacts(self.parent_id, str(self.sweep.pareto_dir), artifact_path="pareto")
         metrics = [Metric(f"hv/{name}", fr["hypervolume_fraction"], now, 0) for name, fr in fronts["fronts"].items()]
-        front = fronts["fronts"].get("all/fvu", {"trials": []})["trials"]
+        front = fronts["fronts"].get(f"all/{plane}", {"trials": []})["trials"]
         run_ids = ",".join(self.runs[k] for k in front if k in self.runs)
         self.client.log_batch(self.parent_id, metrics=metrics,
                          tags=[RunTag("msae.front_run_ids", run_ids[:5000]), RunTag(NOTE_TAG, note)])
@@ -266,7 +272,8 @@ class SweepTracker:
         if record is None:
             return
         rid = self._run(key, record)
-        for h in self.sweep.history(key):
+        result = self.sweep.result(key)  # read once: the epochs logged and the status set agree on it
+        for h in self._epochs(key, result):
             epoch = int(h["epoch"])
             if epoch <= self._logged[key]:
                 continue
@@ -278,7 +285,7 @@ class SweepTracker:
             for s in range(0, len(metrics), 900):
                 self.client.log_batch(rid, metrics=metrics[s:s + 900], tags=tags if s == 0 else [])
             self._logged[key] = epoch
-        status, tags = self._wanted(key, interrupted)
+        status, tags = self._wanted(key, result, interrupted)
         if status == self._status.get(key):
             return
         for name, value in tags.items():
@@ -289,7 +296,7 @@ class SweepTracker:
                     self.client.delete_tag(rid, name)
                 except Exception:  # MLflow raises when the tag is not there
                     pass
-        if status == "FINISHED" and (self.sweep.result(key) or {}).get("status") == "finished":
+        if status == "FINISHED" and (result or {}).get("status") == "finished":
             self._log_final_artifacts(rid, key, record)
         if status == "RUNNING":
             self.client.update_run(rid, status="RUNNING")
@@ -297,8 +304,18 @@ class SweepTracker:
             self.client.set_terminated(rid, status=status)
         self._status[key] = status
 
-    def _wanted(self, key: str, interrupted: bool) -> tuple[str, dict[str, str]]:
-        result, error = self.sweep.result(key), self.sweep.error(key)
+    def _epochs(self, key: str, result: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """The trial's epoch results; a finished trial writes its result (whose metrics are its last
+        epoch's) just before appending that epoch to the history, so the result stands in for it."""
+        rows = self.sweep.history(key)
+        result = result or {}
+        last = result.get("metrics", {}) if result.get("status") == "finished" else {}
+        if "epoch" in last and int(last["epoch"]) > max((int(h["epoch"]) for h in rows), default=0):
+            rows.append(last)
+        return rows
+
+    def _wanted(self, key: str, result: dict[str, Any] | None, interrupted: bool) -> tuple[str, dict[str, str]]:
+        error = self.sweep.error(key)
         if result is not None:
             if result.get("status") == "diverged":
                 return "FAILED", {"msae.failure_reason": f"diverged: {result.get('failure', '')}"[:5000]}
