@@ -37,7 +37,7 @@ def demo_store(tmp_path_factory):
     """The demo spec's grid on a smaller synthetic set, 2 epochs, swept by the msae command."""
     root = tmp_path_factory.mktemp("demo")
     spec = yaml.safe_load((REPO / "sweeps" / "demo.yaml").read_text())
-    spec["data"]["synthetic"].update(out=str(root / "data"), n=3000, n_val=600)
+    spec["data"]["synthetic"].update(n=3000, n_val=600)  # its relative paths (data, evaluation) land in root
     spec["training"]["epochs"] = 2
     spec["tracking"]["uri"] = f"sqlite:///{root / 'mlflow.db'}"
     spec["storage"] = str(root / "sweeps")

@@ -231,6 +231,66 @@ def test_asha_stops_a_bad_trial_early(ray_local, data_dir, work):
     assert "curve.json" in {a.path for a in c.list_artifacts(first.info.run_id)}
 
 
+def test_evaluation_section_logs_semantic_metrics_ranks_by_probe_kl_and_reports_best_models(ray_local, data_dir, work):
+    """evaluation: probe + vocabulary, pareto.fidelity: probe_kl. Every finished trial gets probe_kl,
+    probe_agreement, probe_accuracy and named_latents (also on its curve); the fronts gain the probe-KL
+    plane with the mean-reconstruction KL as reference; the best model of each method gets its
+    latent-card report; the trial's probe_kl equals `msae probe` with the sweep's saved probe."""
+    methods = {"topk": {"lr": [0.003], "k": [4, 8]}, "msae": {"lr": [0.003], "levels_from": [4], "weighting": ["rw"]}}
+    spec = write_spec(work, data_dir, methods, name="sem",
+                      evaluation={"probe": {"data": str(data_dir / "image_train.arrow"),
+                                            "eval": str(data_dir / "image_val.arrow")},
+                                  "vocabulary": str(data_dir / "vocab.arrow")},
+                      pareto={"fidelity": "probe_kl"})
+    s = run_sweep(str(spec), quiet=True)
+    assert (s.counts["finished"], s.exit_code) == (3, 0)
+    sweep = SweepDir(Path(s.sweep_dir))
+    mean_kl = sweep.state()["probe_mean_kl"]
+    assert mean_kl > 0
+    c, exp_id, runs = runs_of(s.uri, "sem", s.sweep_id)
+    by_key = {r.data.tags["msae.trial_key"]: r for r in runs}
+    for key, run in by_key.items():
+        m, t = run.data.metrics, sweep.result(key)
+        for name in ("probe_kl", "probe_agreement", "probe_accuracy", "named_latents"):
+            assert m[name] == pytest.approx(t["metrics"][name], rel=1e-12), (key, name)
+        assert 0 < m["probe_kl"] < mean_kl and 0 < m["probe_agreement"] <= 1
+        assert 0 <= m["named_latents"] <= 64 and m["named_latents"] == int(m["named_latents"])
+        assert all(0 <= p["probe_kl"] and 0 <= p["probe_agreement"] <= 1 for p in t["curve"])
+    # the same number from the command line, with the sweep's saved probe
+    key = "topk_lr0.003_k8"
+    out = work / "probe.json"
+    assert main(["probe", str(sweep.final_sae(key)), "--data", str(data_dir / "image_train.arrow"),
+                 "--eval", str(data_dir / "image_val.arrow"), "--probe", str(sweep.probe_file),
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["own"]["kl"] == pytest.approx(by_key[key].data.metrics["probe_kl"], rel=1e-4)
+    # fronts: the probe-KL plane exists, against the mean-reconstruction KL, and the parent's front is it
+    fronts = json.loads((sweep.pareto_dir / "fronts.json").read_text())
+    assert fronts["reference"]["probe_kl"] == pytest.approx(mean_kl)
+    kl_front = fronts["fronts"]["all/probe_kl"]
+    assert kl_front["points"] and all(p["probe_kl"] is not None for p in kl_front["points"])
+    parent = c.get_run(s.parent_run_id)
+    assert parent.data.metrics["hv/all/probe_kl"] == pytest.approx(kl_front["hypervolume_fraction"])
+    assert {by_key[k].info.run_id for k in kl_front["trials"]} == set(parent.data.tags["msae.front_run_ids"].split(","))
+    assert "pareto/pareto_probe_kl.png" in {a.path for a in c.list_artifacts(parent.info.run_id, "pareto")}
+    assert "probe KL" in parent.data.tags["mlflow.note.content"]
+    # one report per method, on the best model of its probe-KL front, in the folder and on its run
+    best = {fr["group"]: min(fr["points"], key=lambda p: (p["l0"] / 64) ** 2 + (p["probe_kl"] / mean_kl) ** 2)["trial"]
+            for name, fr in fronts["fronts"].items() if name.endswith("/probe_kl") and fr["group"] != "all"}
+    assert sorted(best) == ["msae", "topk"]
+    reported = sorted(p.name for p in (sweep.root / "reports").iterdir())
+    assert reported == sorted(best.values())
+    for method, key in best.items():
+        summary = json.loads((sweep.report_dir(key) / "msae-report.json").read_text())
+        assert summary["n"] == 64 and summary["rows"] == 400 and summary["named_latents"] is not None
+        assert "report/index.html" in {a.path for a in c.list_artifacts(by_key[key].info.run_id, "report")}
+        assert key in parent.data.tags["mlflow.note.content"]
+    # msae pareto recomputes the same probe-KL front and keeps the reports on the parent's note
+    assert main(["pareto", str(spec)]) == 0
+    again = json.loads((sweep.pareto_dir / "fronts.json").read_text())
+    assert again["fronts"]["all/probe_kl"] == kl_front and again["reference"] == fronts["reference"]
+    assert all(k in c.get_run(s.parent_run_id).data.tags["mlflow.note.content"] for k in best.values())
+
+
 def test_bad_input_fails_before_any_trial(ray_local, data_dir, work, capsys):
     methods = {"topk": {"lr": [0.003], "k": [4]}}
     narrow = work / "narrow.arrow"
@@ -248,6 +308,11 @@ def test_bad_input_fails_before_any_trial(ray_local, data_dir, work, capsys):
         "lrinf": (dict(methods={"topk": {"lr": [float("inf")], "k": [4]}}), "methods.topk.lr: Input should be a finite number"),
         "lrnan": (dict(methods={"topk": {"lr": [float("nan")], "k": [4]}}), "methods.topk.lr: Input should be a finite number"),
         "l1": (dict(methods={"relu": {"lr": [0.003], "l1": [-1.0]}}), "methods.relu.l1: expected a number at least 0"),
+        "nolabels": (dict(evaluation={"probe": {"data": str(data_dir / "text_val.arrow")}}),
+                     f"evaluation.probe.data {data_dir / 'text_val.arrow'}: has no label column"),
+        "novocab": (dict(evaluation={"vocabulary": str(work / "words.arrow")}),
+                    f"evaluation.vocabulary {work / 'words.arrow'}: no such file; expected a feature cache (.arrow) file"),
+        "klfront": (dict(pareto={"fidelity": "probe_kl"}), "pareto.fidelity: probe_kl needs an evaluation.probe section"),
     }
     for name, (over, message) in cases.items():
         spec = write_spec(work, data_dir, over.pop("methods", methods), name=name, **over)

@@ -69,7 +69,8 @@ class SweepCallback(Callback):
             self.sweep.write_result(key, result)
         if result is not None:
             m = result.get("metrics", {})
-            detail = " ".join(f"{k}={m[k]:.4g}" for k in ("fvu", "l0", "cosine") if isinstance(m.get(k), (int, float)))
+            detail = " ".join(f"{k}={m[k]:.4g}" for k in ("fvu", "l0", "cosine", "probe_kl", "named_latents")
+                              if isinstance(m.get(k), (int, float)))
             status = result.get("status", "finished")
             detail = result.get("failure", detail) if status == "diverged" else detail
             self.progress.ended(key, status.replace("_", " "), detail)

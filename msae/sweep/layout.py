@@ -16,6 +16,8 @@ It is the source of truth of a sweep (MLflow is a projection of it, msae.sweep.t
     optuna.db                    the Optuna study (SQLite), when searching with Optuna
     tune/RUN/                    Ray Tune's own files for one driver run; msae never reads them
     pareto/                      the fronts: fronts.json, CSV tables, PNG plots
+    probe.safetensors            the linear probe of the spec's evaluation.probe (msae probe's format)
+    reports/KEY/                 the latent-card report (msae report) of each method's best front model
 
 Nothing here is a pickle: JSON, JSON lines, safetensors and SQLite only, so resuming never runs
 code found in a sweep folder.
@@ -199,6 +201,13 @@ class SweepDir:
     @property
     def pareto_dir(self) -> Path:
         return self.root / "pareto"
+
+    @property
+    def probe_file(self) -> Path:
+        return self.root / "probe.safetensors"
+
+    def report_dir(self, key: str) -> Path:
+        return self.root / "reports" / key
 
     def counts(self) -> dict[str, int]:
         """Trials by outcome: finished, diverged, stopped_early, failed (an error recorded, no result)."""

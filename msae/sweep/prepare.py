@@ -17,7 +17,7 @@ from msae.errors import MsaeError
 from msae.preprocess import fit_preprocessing
 from msae.arrays import first_nonfinite_row
 from msae.sweep.layout import SweepDir
-from msae.sweep.shared import SweepData, describe
+from msae.sweep.shared import SemanticData, SweepData, describe
 from msae.sweep.space import Trial, n_latents, plan_trials
 from msae.sweep.spec import SweepSpec, load_spec, spec_from_dict
 
@@ -128,7 +128,53 @@ def open_data(spec: SweepSpec) -> SweepData:
         truth = GroundTruth.load(truth_path)
         if truth.dictionary.shape[1] != d:
             raise MsaeError(f"data.truth {truth_path}: dimension {truth.dictionary.shape[1]}, the train cache has {d}")
-    return SweepData(describe("train", train_path, train), evals, pp, truth, spec.data.share)
+    return SweepData(describe("train", train_path, train), evals, pp, truth, spec.data.share,
+                     open_semantic(spec, d))
+
+
+def _cache(path: str, key: str, d: int, labelled: bool = False, texts: bool = False):
+    from msae.cache import is_cache, open_cache
+
+    if not Path(path).is_file():
+        raise MsaeError(f"{key} {path}: no such file; expected a feature cache (.arrow) file")
+    if not is_cache(path):
+        raise MsaeError(f"{key} {path}: expected a feature cache (.arrow) file")
+    try:
+        cache = open_cache(path, expect_dim=d)
+    except MsaeError as e:
+        raise MsaeError(f"{key}: {e}") from e
+    if labelled and cache.labels is None:
+        raise MsaeError(f"{key} {path}: has no label column; expected a labelled cache (docs/cache-format.md)")
+    return cache
+
+
+def open_semantic(spec: SweepSpec, d: int) -> SemanticData | None:
+    """The ``evaluation`` section: the probe trained once (seeded, deterministic), its evaluation
+    rows and the mean-reconstruction KL; the vocabulary. None without the section."""
+    ev = spec.evaluation
+    if ev.probe is None and ev.vocabulary is None:
+        return None
+    probe = probe_eval = rows = labels = mean_kl = vocab = words = None
+    if ev.probe is not None:
+        import numpy as np
+        from msae.interpret.probe import mean_reconstruction_kl, split_holdout, train_probe
+
+        pd = ev.probe
+        data = _cache(pd.data, "evaluation.probe.data", d, labelled=True)
+        probe, _ = train_probe(data.embeddings, data.labels, seed=pd.seed, holdout=pd.holdout)
+        if pd.eval:
+            ev_cache = _cache(pd.eval, "evaluation.probe.eval", d, labelled=True)
+            probe_eval, labels = describe("probe/eval", pd.eval, ev_cache.embeddings), tuple(ev_cache.labels)
+            x_eval = ev_cache.embeddings
+        else:
+            _, rows = split_holdout(data.embeddings.shape[0], pd.holdout, pd.seed)
+            probe_eval, labels = describe("probe/eval", pd.data, data.embeddings), tuple(data.labels[i] for i in rows)
+            x_eval = np.asarray(data.embeddings)[rows]
+        mean_kl = mean_reconstruction_kl(probe, x_eval)
+    if ev.vocabulary is not None:
+        vc = _cache(ev.vocabulary, "evaluation.vocabulary", d)
+        vocab, words = describe("vocab", ev.vocabulary, vc.embeddings), tuple(vc.texts or vc.ids)
+    return SemanticData(probe, probe_eval, rows, labels, mean_kl, vocab, words)
 
 
 def check_resources(spec: SweepSpec, cluster: bool) -> SweepSpec:
@@ -181,5 +227,9 @@ def sweep_folder(plan: Plan, resume: str | bool) -> SweepDir:
         return sweep
     state: dict[str, Any] = {"tracking_uri": spec.tracking.uri, "experiment": spec.experiment, "spec": plan.spec_text,
                              "trials_planned": len(plan.trials) or spec.search.trials, "d": plan.d, "n": plan.n,
-                             "caches": list(plan.data.evals) if plan.data else []}
-    return SweepDir.create(spec.storage, spec.name, state)
+                             "caches": list(plan.data.evals) if plan.data else [],
+                             "probe_mean_kl": plan.data.semantic.probe_mean_kl if plan.data and plan.data.semantic else None}
+    sweep = SweepDir.create(spec.storage, spec.name, state)
+    if plan.data and plan.data.semantic and plan.data.semantic.probe is not None:
+        plan.data.semantic.probe.save(sweep.probe_file)
+    return sweep

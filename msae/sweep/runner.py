@@ -136,7 +136,9 @@ def _finish(plan: Plan, sweep: SweepDir, tracker: SweepTracker, sync: Background
     sync.interrupted = interrupted
     for key in sweep.trial_keys():
         sync.request(key)
-    fronts = sweep_fronts(sweep, spec.pareto.reference(plan.n))
+    plane = spec.pareto.fidelity
+    fronts = sweep_fronts(sweep, reference(spec, plan.n, sweep.state()))
+    reports = best_reports(plan, sweep, fronts, say)
     synced = sync.drain(spec.tracking.wait_s)
     pending = sync.pending()
     sync.close()
@@ -144,14 +146,16 @@ def _finish(plan: Plan, sweep: SweepDir, tracker: SweepTracker, sync: Background
     sweep.update_state(status=status, finished=time.time(), tracking="synced" if synced else "pending")
     if synced:
         try:
-            tracker.log_fronts(fronts, parent_note(sweep, plan, fronts, status, tracker.parent_id))
+            for key in reports.values():
+                tracker.log_report(key)
+            tracker.log_fronts(fronts, parent_note(sweep, plan, fronts, status, tracker.parent_id, reports), plane)
             tracker.set_parent("KILLED" if interrupted else "FINISHED")
         except Exception as e:  # the store went away again at the last moment
             synced = False
             say(f"msae sweep: could not log the fronts ({(str(e).splitlines() or [type(e).__name__])[0][:200]})")
             sweep.update_state(tracking="pending")
     counts = sweep.counts()
-    print(format_table(fronts))
+    print(format_table(fronts, plane))
     print(f"trials: {counts['finished']} finished, {counts['stopped_early']} stopped early, "
           f"{counts['diverged']} diverged, {counts['failed']} failed; results in {sweep.root}")
     print(f"tracking: {spec.tracking.uri}  experiment {spec.experiment!r}  parent run {tracker.parent_id}")
@@ -167,6 +171,30 @@ def _finish(plan: Plan, sweep: SweepDir, tracker: SweepTracker, sync: Background
         code = EXIT_INTERRUPTED
     return Outcome(sweep.sweep_id, str(sweep.root), counts, code, spec.tracking.uri, tracker.parent_id, fronts,
                    interrupted, pending)
+
+
+def reference(spec, n: int, state: dict[str, Any]) -> dict[str, float]:
+    """The hypervolume reference point (the probe-KL axis from the sweep's recorded mean KL)."""
+    return spec.pareto.reference(n, state.get("probe_mean_kl"))
+
+
+def best_reports(plan: Plan, sweep: SweepDir, fronts: dict[str, Any], say: Callable[[str], None]) -> dict[str, str]:
+    """The latent-card report of each method's best model, when the spec has an evaluation section."""
+    from msae.sweep.reports import write_best_reports
+
+    ev = plan.spec.evaluation
+    if not ev.report or (ev.probe is None and ev.vocabulary is None) or plan.data is None:
+        return {}
+    try:
+        picks = write_best_reports(sweep, fronts, plan.spec.pareto.fidelity, plan.data.evals[plan.data.primary].path,
+                                   ev.vocabulary)
+    except Exception as e:  # a report is a view: never lose the sweep's ending over it
+        say(f"msae sweep: could not write the latent-card reports ({(str(e).splitlines() or [type(e).__name__])[0][:200]})")
+        return {}
+    if picks:
+        say("msae sweep: latent-card reports of the best models: "
+            + ", ".join(f"{m} {sweep.report_dir(k) / 'index.html'}" for m, k in picks.items()))
+    return picks
 
 
 def view_params(spec) -> list[str]:
@@ -190,18 +218,20 @@ def ui_hint(uri: str, tracker: SweepTracker) -> str:
             f"{dashboard_url('http://127.0.0.1:5000', tracker.exp_id, tracker.view_key, charts=True)}")
 
 
-def parent_note(sweep: SweepDir, plan: Plan, fronts: dict[str, Any], status: str, run_id: str | None = None) -> str:
+def parent_note(sweep: SweepDir, plan: Plan, fronts: dict[str, Any], status: str, run_id: str | None = None,
+                reports: dict[str, str] | None = None) -> str:
     """The parent run's description (markdown): what the sweep was, its front (plot and table), how to
     read it, and the spec."""
     counts = sweep.counts()
-    overall = fronts["fronts"].get("all/fvu", {"points": [], "hypervolume_fraction": 0.0})
+    plane = plan.spec.pareto.fidelity
+    overall = fronts["fronts"].get(f"all/{plane}", {"points": [], "hypervolume_fraction": 0.0})
     lines = [f"## msae sweep `{sweep.sweep_id}` ({status})",
              f"Spec `{plan.spec.name}`: {plan.d} -> {plan.n} latents; {counts['finished']} trials finished, "
              f"{counts['stopped_early']} stopped early, {counts['diverged']} diverged, {counts['failed']} failed. "
              f"Overall front: {len(overall['points'])} points, hypervolume fraction "
              f"{overall['hypervolume_fraction']:.4f}.", ""]
     if run_id and overall["points"]:  # the front plot, served by the tracking server's artifact endpoint
-        lines += [f"![Sparsity-fidelity front](get-artifact?path=pareto%2Fpareto_fvu.png&run_uuid={run_id})", ""]
+        lines += [f"![Sparsity-fidelity front](get-artifact?path=pareto%2Fpareto_{plane}.png&run_uuid={run_id})", ""]
     lines += [
         "### How to read it",
         "Each child run is one SAE. Its **own** point is (L0, FVU) of the model's own code on the primary "
@@ -210,7 +240,10 @@ def parent_note(sweep: SweepDir, plan: Plan, fronts: dict[str, Any], status: str
         "a lower FVU. The hypervolume fraction is the share of the reference box the front dominates (higher is "
         "better). Plots and tables: the Artifacts tab, `pareto/`; each child run has its own `curve.png`. "
         "Compare runs: the experiment's Runs page (chart view: FVU against L0).", "",
-        "### Sparsity-fidelity front", "", format_table(fronts, markdown=True), "",
+        "### Sparsity-fidelity front", "", format_table(fronts, plane, markdown=True), "",
+        *([("Latent-card reports of each method's best front model (the point nearest the ideal corner): "
+            + ", ".join(f"{m}: `{k}` (its run's `report/index.html`)" for m, k in reports.items())), ""]
+          if reports else []),
         "### Spec", "", "```yaml", plan.spec_text.strip(), "```"]
     return "\n".join(lines)
 
@@ -248,6 +281,7 @@ def format_sweeps(storage: str) -> str:
 def relog(spec_path: str, sweep_id: str | None, overrides: Overrides = Overrides()) -> str:
     """``msae pareto``: log whatever the tracking store lacks, recompute the fronts, log them."""
     from msae.sweep.prepare import load
+    from msae.sweep.reports import best_models
     from msae.sweep.tracking import check_tracking_uri
 
     spec, text = load(spec_path, overrides)
@@ -263,8 +297,12 @@ def relog(spec_path: str, sweep_id: str | None, overrides: Overrides = Overrides
     interrupted = state.get("status") != "finished"
     for key in sweep.trial_keys():
         tracker.sync(key, interrupted)
-    fronts = sweep_fronts(sweep, spec.pareto.reference(n))
-    tracker.log_fronts(fronts, parent_note(sweep, plan, fronts, state.get("status", "finished"), tracker.parent_id))
+    fronts = sweep_fronts(sweep, reference(spec, n, state))
+    reports = {m: k for m, k in best_models(fronts, spec.pareto.fidelity).items() if sweep.report_dir(k).is_dir()}
+    for key in reports.values():
+        tracker.log_report(key)
+    tracker.log_fronts(fronts, parent_note(sweep, plan, fronts, state.get("status", "finished"), tracker.parent_id,
+                                           reports), spec.pareto.fidelity)
     tracker.set_parent("FINISHED" if state.get("status") == "finished" else "KILLED")
     sweep.update_state(tracking="synced")
-    return f"{format_table(fronts)}\nlogged to parent run {tracker.parent_id} of sweep {sweep.sweep_id} ({uri})"
+    return f"{format_table(fronts, spec.pareto.fidelity)}\nlogged to parent run {tracker.parent_id} of sweep {sweep.sweep_id} ({uri})"

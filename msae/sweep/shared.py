@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +38,23 @@ class SharedArray:
 
 
 @dataclass(frozen=True)
+class SemanticData:
+    """The spec's ``evaluation`` section, prepared once by the driver: the probe (trained on the
+    probe data's original embeddings), the rows it is measured on, and the vocabulary."""
+
+    probe: Any | None  # msae.interpret.probe.Probe
+    probe_eval: SharedArray | None  # the array the probe is measured on
+    probe_rows: np.ndarray | None  # of which these rows (the held-out part), or None for all
+    probe_labels: tuple[str, ...] | None
+    probe_mean_kl: float | None  # KL of reconstructing every row by the train mean: the front's reference
+    vocab: SharedArray | None
+    vocab_words: tuple[str, ...] | None
+
+    def arrays(self) -> list[SharedArray]:
+        return [a for a in (self.probe_eval, self.vocab) if a is not None]
+
+
+@dataclass(frozen=True)
 class SweepData:
     """Everything about the data that every trial of a sweep shares (sent to trials once)."""
 
@@ -45,13 +63,14 @@ class SweepData:
     preprocessing: Preprocessing  # of the train set, for the spec's scaling and centring
     truth: GroundTruth | None
     share: str  # auto | file | object_store
+    semantic: SemanticData | None = None
 
     @property
     def primary(self) -> str:
         return next(iter(self.evals))
 
     def arrays(self) -> list[SharedArray]:
-        return [self.train, *self.evals.values()]
+        return [self.train, *self.evals.values(), *(self.semantic.arrays() if self.semantic else [])]
 
     def object_store_bytes(self) -> int:
         """Bytes that trials on the driver's node will fetch through the object store."""

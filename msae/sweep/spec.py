@@ -216,15 +216,41 @@ class Tracking(_Model):
     wait_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 600.0
 
 
+class ProbeData(_Model):
+    """Linear-probe fidelity (msae probe): the probe is trained once by the driver on ``data``'s
+    original embeddings; trials are measured on ``eval`` (default: the held-out part of ``data``)."""
+    data: str
+    eval: str | None = None
+    holdout: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    seed: int = Field(0, ge=0)
+
+
+class Evaluation(_Model):
+    """Semantic metrics of every finished trial (docs/interpret.md): ``probe`` adds probe_kl and
+    probe_agreement (own code and along the progressive curve); ``vocabulary`` (a text cache) adds
+    named_latents; ``report`` writes the latent-card report of each method's best front model."""
+    probe: ProbeData | None = None
+    vocabulary: str | None = None
+    report: bool = True
+
+
 class Pareto(_Model):
-    """Hypervolume reference point; reference_l0 defaults to n (the number of latents)."""
+    """Hypervolume reference point; reference_l0 defaults to n (the number of latents), and
+    reference_probe_kl to the probe KL of reconstructing every row by the train mean. ``fidelity``
+    is the front the table, the parent run and the best-model reports use."""
     reference_l0: PositiveFinite | None = None
     reference_fvu: PositiveFinite = 1.0
     reference_one_minus_cosine: PositiveFinite = 1.0
+    reference_probe_kl: PositiveFinite | None = None
+    fidelity: Literal["fvu", "one_minus_cosine", "probe_kl"] = "fvu"
 
-    def reference(self, n: int) -> dict[str, float]:
-        return {"l0": self.reference_l0 or float(n), "fvu": self.reference_fvu,
-                "one_minus_cosine": self.reference_one_minus_cosine}
+    def reference(self, n: int, mean_probe_kl: float | None = None) -> dict[str, float]:
+        ref = {"l0": self.reference_l0 or float(n), "fvu": self.reference_fvu,
+               "one_minus_cosine": self.reference_one_minus_cosine}
+        kl = self.reference_probe_kl or mean_probe_kl
+        if kl:
+            ref["probe_kl"] = float(kl)
+        return ref
 
 
 class SweepSpec(_Model):
@@ -238,6 +264,7 @@ class SweepSpec(_Model):
     early_stopping: EarlyStopping = EarlyStopping()
     tracking: Tracking = Tracking()
     pareto: Pareto = Pareto()
+    evaluation: Evaluation = Evaluation()
     storage: str = "msae-sweeps"  # sweep folders: state, trial states, results, Optuna study
     max_failures: int = Field(2, ge=0)  # retries of a crashed trial, from its last saved epoch
 
@@ -256,6 +283,8 @@ class SweepSpec(_Model):
             raise ValueError(f"{ranges[0]}: a {{min, max}} range needs search.kind: optuna; grid search takes lists")
         if self.search.kind == "optuna" and self.search.trials is None:
             raise ValueError("search.trials: optuna search needs a trial budget")
+        if self.pareto.fidelity == "probe_kl" and self.evaluation.probe is None:
+            raise ValueError("pareto.fidelity: probe_kl needs an evaluation.probe section")
         return self
 
     @property

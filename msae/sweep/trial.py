@@ -153,8 +153,33 @@ class TrialRunner:
         truth = self.setup.data.truth
         if truth is not None:
             out.update(recovery_score(self.sae.W_dec.detach().cpu().numpy(), truth))
+        if self.setup.data.semantic is not None:
+            out.update(self.semantic_metrics(curve))
         out.update(self.hooks.final_diagnostics())
         return out, curve
+
+    def semantic_metrics(self, curve: list[dict[str, float]]) -> dict[str, Any]:
+        """The spec's ``evaluation``: probe fidelity of the own code (and of every curve point, added
+        to it in place) and the number of named latents (docs/interpret.md)."""
+        from msae.interpret.naming import name_latents
+        from msae.interpret.probe import probe_fidelity
+
+        sem, sid, share = self.setup.data.semantic, self.setup.sweep_id, self.setup.data.share
+        out: dict[str, Any] = {}
+        if sem.probe is not None:
+            x = open_shared(sem.probe_eval, share, sid)[0]
+            x = x if sem.probe_rows is None else x[sem.probe_rows]
+            res = probe_fidelity(self.sae, sem.probe, x, list(sem.probe_labels), [None] + [p["k"] for p in curve],
+                                 batch_size=self.trial.train.batch_size)
+            own = res["own"]
+            out.update(probe_kl=own["kl"], probe_agreement=own["agreement"],
+                       probe_accuracy=own["accuracy_reconstructed"], probe_accuracy_original=own["accuracy_original"])
+            for p in curve:
+                p.update(probe_kl=res[str(p["k"])]["kl"], probe_agreement=res[str(p["k"])]["agreement"])
+        if sem.vocab is not None:
+            vocab = open_shared(sem.vocab, share, sid)[0]
+            out["named_latents"] = int(name_latents(self.sae, np.asarray(vocab), list(sem.vocab_words), top=1).named.sum())
+        return out
 
     def checkpoint_info(self) -> dict[str, Any]:
         return {"train": self.trial.train.to_dict(), "preprocessing": self.setup.data.preprocessing.record(),
