@@ -57,7 +57,10 @@ def run_sweep(out: Path, train: Path, val: Path) -> dict:
     trials = {}
     for key in sweep.trial_keys():
         hist = sweep.history(key)
-        trials[key] = {"epochs_s": sum(h["epoch_seconds"] for h in hist), "first_step_s": hist[0]["train_start"] - t0}
+        start, end = hist[0]["trial_start"], sweep.result_file(key).stat().st_mtime
+        trials[key] = {"epochs_s": sum(h["epoch_seconds"] for h in hist), "first_step_s": hist[0]["train_start"] - t0,
+                       "startup_s": hist[0]["train_start"] - start, "epoch_eval_s": sum(h["eval_seconds"] for h in hist),
+                       "final_eval_s": hist[-1]["final_seconds"], "span_s": end - start}
     if len(trials) != len(KS) * len(LRS):
         raise SystemExit(f"expected {len(KS) * len(LRS)} finished trials, found {len(trials)}")
     return {"wall_s": wall, "trials": trials}
@@ -113,6 +116,13 @@ def main() -> None:
     print(f"msae sweep: {sweep['wall_s']:.1f} s wall; training epochs {trained:.1f} trial-s over {slots} slots "
           f"= {trained / slots:.1f} s; first training step after {first:.1f} s")
     print(f"  overhead (share of wall x slots outside training epochs): {overhead:.1%} (target <= 15%)")
+    parts = {p: sum(t[p] for t in sweep["trials"].values()) for p in ("startup_s", "epoch_eval_s", "final_eval_s")}
+    inside = sum(t["span_s"] for t in sweep["trials"].values())
+    parts["checkpoints, reports_s"] = inside - trained - sum(parts.values())
+    parts["outside trials (Ray, driver, MLflow, fronts)_s"] = sweep["wall_s"] * slots - inside
+    print("  where the rest of wall x slots went (trial-seconds):")
+    for name, v in parts.items():
+        print(f"    {name[:-2]:<45} {v:7.1f}  ({v / (sweep['wall_s'] * slots):.1%})")
     if not a.no_saelens:
         loop = run_saelens(train)
         print(f"SAELens loop (SAETrainer.fit x {len(KS) * len(LRS)}, 2 threads, training only): {loop:.1f} s")

@@ -8,11 +8,14 @@ import torch
 
 from msae.config import doubling_levels
 from msae.data import as_tensor, batches
-from msae.metrics import ReconStats, cknna, decoder_orthogonality
+from msae.metrics import Originals, ReconStats, cknna, decoder_orthogonality
 from msae.sae import SAE
 from msae.sae.base import topk_relu_dense
 from msae.sae.kernels import Entries, SparseRows
 from msae.sae.native import kernels
+
+
+SPARSE_DECODE_DENSITY = 0.05  # 10,000 rows, n 6144, k 32, one thread: 0.93 s dense, about 0.35 s so
 
 
 def progressive_ks(n: int, start: int = 16) -> list[int]:
@@ -26,9 +29,12 @@ def key_of(k: int | None) -> str:
 
 @torch.no_grad()
 def evaluate(sae: SAE, data: np.ndarray | torch.Tensor, ks: Sequence[int | None] = (None,),
-             batch_size: int = 4096, cknna_rows: int = 1024, cknna_k: int = 10) -> dict[str, dict]:
+             batch_size: int = 4096, cknna_rows: int = 1024, cknna_k: int = 10,
+             cknna_for: Sequence[int | None] | None = None, orthogonality: bool = True) -> dict[str, dict]:
     """Metrics keyed by k ('own' for the model's own code), computed in original CLIP space, with
-    processed-space variants suffixed ``_processed``. CKNNA uses the first ``cknna_rows`` rows."""
+    processed-space variants suffixed ``_processed``. CKNNA uses the first ``cknna_rows`` rows (0:
+    none), for the ks in ``cknna_for`` (default: every k); ``orthogonality=False`` skips
+    ``decoder_orthogonality`` (an n x n x d product: per-epoch evaluations leave both out)."""
     sae.eval()
     for k in ks:
         if k is not None:
@@ -36,38 +42,42 @@ def evaluate(sae: SAE, data: np.ndarray | torch.Tensor, ks: Sequence[int | None]
     device = sae.W_enc.device
     x_all = data if isinstance(data, torch.Tensor) else as_tensor(data, torch.device("cpu"))
     stats = {key_of(k): ReconStats(sae.n) for k in ks}
+    with_cknna = {key_of(k) for k in (ks if cknna_for is None else cknna_for)} if cknna_rows > 0 else set()
     sample: dict[str, tuple] = {}
-    ortho = decoder_orthogonality(sae.W_dec)
+    ortho = decoder_orthogonality(sae.W_dec) if orthogonality else None
     topks = sorted({k for k in ks if k is not None})
     native = kernels() if len(topks) > 1 and device.type == "cpu" and sae.W_dec.dtype == torch.float32 else None
     for xb in batches(x_all, batch_size):
         x = xb.to(device, torch.float32)
         xp = sae.preprocess(x)
         pre = sae.pre_activation(xp)
+        orig = Originals(x, xp)
         if native is not None:  # every top-k level in one nested selection and one decode pass
-            for k, xph, code in _nested_levels(sae, native, pre, topks, cknna_rows):
+            dense_for = {c for c, k in enumerate(topks) if key_of(k) in with_cknna and key_of(k) not in sample}
+            for c, (k, xph, code) in enumerate(_nested_levels(sae, native, pre, topks, cknna_rows, dense_for)):
                 xh = sae.postprocess(xph)
                 key = key_of(k)
-                stats[key].update(x, xh, xp, xph, None)
+                stats[key].add(orig, xh, xph, None)
                 stats[key].update_code(*code[:3])
-                if key not in sample:
+                if c in dense_for:
                     sample[key] = (x[:cknna_rows].cpu(), xh[:cknna_rows].cpu(), code[3])
         for k in ks:
             if native is not None and k is not None:
                 continue
             z = sae.activate(pre) if k is None else topk_relu_dense(pre, k)
-            xph = sae.decode_processed(z)
+            xph = _decode(sae, z)
             xh = sae.postprocess(xph)
             key = key_of(k)
-            stats[key].update(x, xh, xp, xph, z)
-            if key not in sample:
+            stats[key].add(orig, xh, xph, z)
+            if key in with_cknna and key not in sample:
                 sample[key] = (x[:cknna_rows].cpu(), xh[:cknna_rows].cpu(), z[:cknna_rows].cpu())
     out = {}
     for key, st in stats.items():
         res = st.result()
-        res["decoder_orthogonality"] = ortho
-        x, xh, z = sample[key]
-        if x.shape[0] >= max(4, cknna_k + 1):
+        if ortho is not None:
+            res["decoder_orthogonality"] = ortho
+        if key in sample and sample[key][0].shape[0] >= max(4, cknna_k + 1):
+            x, xh, z = sample[key]
             res["cknna_recon"] = cknna(x, xh, cknna_k)
             res["cknna_code"] = cknna(x, z, cknna_k)
             res["cknna_rows"] = x.shape[0]
@@ -76,11 +86,22 @@ def evaluate(sae: SAE, data: np.ndarray | torch.Tensor, ks: Sequence[int | None]
 
 
 
-def _nested_levels(sae: SAE, native, pre: torch.Tensor, levels: list[int], first_rows: int):
+def _decode(sae: SAE, z: torch.Tensor) -> torch.Tensor:
+    """``sae.decode_processed(z)``; a sparse code (under SPARSE_DECODE_DENSITY non-zeros, on the
+    CPU) is decoded from its CSR form, which skips the dense [B, n] x [n, d] product."""
+    if z.device.type != "cpu" or float((z != 0).sum()) > SPARSE_DECODE_DENSITY * z.numel():
+        return sae.decode_processed(z)
+    c = z.to_sparse_csr()
+    return sae.decode_sparse(SparseRows(c.crow_indices(), c.col_indices(), c.values(), sae.n))
+
+
+def _nested_levels(sae: SAE, native, pre: torch.Tensor, levels: list[int], first_rows: int, dense_for: set[int]):
     """For each k of ``levels`` (ascending): the processed-space reconstruction of ReLU(top-k of
-    ``pre``), and its code's summary (per-row non-zeros, fired latents, values, and the dense code
-    of the first ``first_rows`` rows), from ONE nested selection and ONE pass of the native decode
-    kernel (msae/sae/csrc/msae_cpu.cpp) instead of a top-k, a scatter and a dense GEMM per k."""
+    ``pre``), and its code's summary (per-row non-zeros, fired latents, the count, sum and sum of
+    squares of its values, and, for the level indices in ``dense_for``, the dense code of the first
+    ``first_rows`` rows), from ONE nested selection and ONE pass of the native decode kernel
+    (msae/sae/csrc/msae_cpu.cpp) instead of a top-k, a scatter and a dense GEMM per k. Level c's
+    code is chunks 0..c, so every summary is a cumulative sum over per-chunk counts (one pass)."""
     n, d = sae.n, sae.d
     L = len(levels)
     crow, rows, col, chunk, val, _, _ = native.nested_select(pre.contiguous(), torch.tensor(levels))
@@ -89,15 +110,18 @@ def _nested_levels(sae: SAE, native, pre: torch.Tensor, levels: list[int], first
     Q, _ = native.levels_decode(crow, col, chunk, val, sae.W_dec.detach().contiguous(),
                                 sae.b_dec.detach().contiguous(), L, e.order, e.off, e.threads, empty, empty)
     B = pre.shape[0]
+    ch = chunk.long()
+    l0 = torch.bincount(rows.long() * L + ch, minlength=B * L).view(B, L).cumsum(1).to(torch.float64)
+    fired = torch.bincount(col.long() * L + ch, minlength=n * L).view(n, L).cumsum(1) > 0
+    v = val.to(torch.float64)
+    act = torch.stack([torch.bincount(ch, minlength=L).to(torch.float64), torch.bincount(ch, v, minlength=L),
+                       torch.bincount(ch, v * v, minlength=L)]).cumsum(1)
     head = int(crow[min(first_rows, B)])
     for c, k in enumerate(levels):
-        keep = chunk <= c
-        r = rows[keep].long()
-        l0 = torch.bincount(r, minlength=B)
-        fired = torch.zeros(n, dtype=torch.bool)
-        fired[col[keep]] = True
-        first = keep[:head]
-        sub_crow = torch.zeros(min(first_rows, B) + 1, dtype=torch.long)
-        torch.cumsum(l0[:min(first_rows, B)], 0, out=sub_crow[1:])
-        dense = SparseRows(sub_crow, col[:head][first], val[:head][first], n).to_dense()
-        yield k, Q[:, c], (l0, fired, val[keep], dense)
+        dense = None
+        if c in dense_for:
+            first = chunk[:head] <= c
+            sub_crow = torch.zeros(min(first_rows, B) + 1, dtype=torch.long)
+            torch.cumsum(l0[:min(first_rows, B), c].long(), 0, out=sub_crow[1:])
+            dense = SparseRows(sub_crow, col[:head][first], val[:head][first], n).to_dense()
+        yield k, Q[:, c], (l0[:, c], fired[:, c], tuple(float(a) for a in act[:, c]), dense)

@@ -81,6 +81,20 @@ def cknna(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
     return float(sim(K, L) / (torch.sqrt(sim(K, K) * sim(L, L)) + 1e-6))
 
 
+class Originals:
+    """One batch's inputs (original ``x`` and processed ``xp``) in float64 with what every
+    reconstruction of that batch is compared against, computed once (evaluate() measures several
+    ks of one batch)."""
+
+    def __init__(self, x: torch.Tensor, xp: torch.Tensor):
+        self.x, self.xp, self.xp32 = x.to(torch.float64), xp.to(torch.float64), xp
+        self.var_x = self.x.var(dim=1, unbiased=False).clamp_min(1e-30)
+        self.var_xp = self.xp.var(dim=1, unbiased=False).clamp_min(1e-30)
+        self.msq_xp = self.xp.pow(2).mean(1).clamp_min(1e-30)
+        self.sum_sq = float(self.x.pow(2).sum())
+        self.sum_x = self.x.sum(0).cpu()
+
+
 class ReconStats:
     """Streams reconstruction metrics over batches, in original and processed space."""
 
@@ -100,30 +114,36 @@ class ReconStats:
     @torch.no_grad()
     def update(self, x, xh, xp, xph, z) -> None:
         """Add a batch; ``z`` the dense code, or None when :meth:`update_code` adds the code's part."""
-        x64, xh64 = x.to(torch.float64), xh.to(torch.float64)
-        self.rows += x.shape[0]
-        self._add("fvu", fvu_per_sample(x64, xh64))
-        self._add("cosine", cosine_per_sample(x64, xh64))
-        self._add("fvu_processed", fvu_per_sample(xp.to(torch.float64), xph.to(torch.float64)))
-        self._add("cosine_processed", cosine_per_sample(xp, xph))
-        self._add("nmse", nmse_per_sample(xp.to(torch.float64), xph.to(torch.float64)))
-        self.sse += float((x64 - xh64).pow(2).sum())
-        self.sum_sq += float(x64.pow(2).sum())
-        sx = x64.sum(0).cpu()
-        self.sum_x = sx if self.sum_x is None else self.sum_x + sx
+        self.add(Originals(x, xp), xh, xph, z)
+
+    @torch.no_grad()
+    def add(self, orig: Originals, xh: torch.Tensor, xph: torch.Tensor, z: torch.Tensor | None) -> None:
+        """:meth:`update` against a batch's precomputed :class:`Originals` (same metrics: the
+        per-sample functions above, with the input's variance and mean square computed once)."""
+        xh64, xph64 = xh.to(torch.float64), xph.to(torch.float64)
+        err, errp = orig.x - xh64, orig.xp - xph64
+        self.rows += xh.shape[0]
+        self._add("fvu", err.var(dim=1, unbiased=False) / orig.var_x)
+        self._add("cosine", cosine_per_sample(orig.x, xh64))
+        self._add("fvu_processed", errp.var(dim=1, unbiased=False) / orig.var_xp)
+        self._add("cosine_processed", cosine_per_sample(orig.xp32, xph))
+        self._add("nmse", errp.pow(2).mean(1) / orig.msq_xp)
+        self.sse += float(err.pow(2).sum())
+        self.sum_sq += orig.sum_sq
+        self.sum_x = orig.sum_x if self.sum_x is None else self.sum_x + orig.sum_x
         if z is not None:
             nz = z != 0
-            self.update_code(l0_per_sample(z), nz.any(0), z[nz])
+            v = z[nz].to(torch.float64)
+            self.update_code(l0_per_sample(z), nz.any(0), (v.numel(), float(v.sum()), float(v.pow(2).sum())))
 
-    def update_code(self, l0: torch.Tensor, fired: torch.Tensor, values: torch.Tensor) -> None:
+    def update_code(self, l0: torch.Tensor, fired: torch.Tensor, act: tuple[float, float, float]) -> None:
         """The code's part of :meth:`update` from its summary: per-sample non-zero counts, which
-        latents fired in the batch (bool [n]) and the non-zero values (for a sparse code)."""
+        latents fired in the batch (bool [n]) and the count, sum and sum of squares of its non-zero
+        values."""
         self._add("l0", l0)
         self.fired |= fired.cpu()
-        v = values.to(torch.float64)
-        self.act[0] += v.numel()
-        self.act[1] += float(v.sum())
-        self.act[2] += float(v.pow(2).sum())
+        for i, a in enumerate(act):
+            self.act[i] += a
 
     def result(self) -> dict[str, float]:
         N = max(self.rows, 1)

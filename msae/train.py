@@ -149,11 +149,13 @@ class EpochRecord:
     seconds: float
     dead_fraction_train: float
     eval: dict[str, dict] = field(default_factory=dict)
+    eval_seconds: float = 0.0
 
     def flat(self) -> dict[str, float]:
         """Plain metric names for loggers: train metrics, then '<eval-set>/<metric>'."""
         out = {"epoch": self.epoch, "lr_schedule": self.lr, "train_loss": self.loss, "train_l0": self.l0,
-               "epoch_seconds": self.seconds, "dead_fraction_train": self.dead_fraction_train}
+               "epoch_seconds": self.seconds, "eval_seconds": self.eval_seconds,
+               "dead_fraction_train": self.dead_fraction_train}
         for name, res in self.eval.items():
             for k, v in res.items():
                 out[f"{name}/{k}"] = v
@@ -177,12 +179,15 @@ def place_data(arr: np.ndarray, device: torch.device, share: float = 1.0) -> tor
 
 def fit(sae: SAE, train: np.ndarray, cfg: TrainConfig, eval_sets: dict[str, np.ndarray] | None = None,
         on_epoch: Callable[[EpochRecord, "Trainer"], None] | None = None, progress: bool = True,
-        trainer: Trainer | None = None, fit_stats: bool = True, device_share: float = 1.0) -> list[EpochRecord]:
+        trainer: Trainer | None = None, fit_stats: bool = True, device_share: float = 1.0,
+        eval_last: bool = True) -> list[EpochRecord]:
     """Train ``sae`` on ``train`` (N, d) for ``cfg.epochs``; evaluate each epoch on ``eval_sets``.
 
     Preprocessing statistics come from the TRAIN data and are stored in the model (``fit_stats``;
     else the model's are kept); evaluation data is processed with them. ``trainer`` may carry
     restored optimiser state (resume). ``device_share``: the fraction of a GPU this process owns.
+    ``eval_last=False`` skips the last epoch's evaluation (a caller that evaluates the final model
+    itself, as a sweep trial does, would otherwise evaluate it twice).
     """
     from msae.evaluate import evaluate
 
@@ -216,8 +221,11 @@ def fit(sae: SAE, train: np.ndarray, cfg: TrainConfig, eval_sets: dict[str, np.n
         rec = EpochRecord(trainer.epoch + 1, trainer.lr, loss_sum / max(steps, 1), l0_sum / max(steps, 1),
                           time.perf_counter() - t0, trainer.dead_fraction_train)
         trainer.end_epoch()
-        for name, arr in (eval_sets or {}).items():
-            rec.eval[name] = evaluate(sae, arr, batch_size=cfg.batch_size)["own"]
+        t1 = time.perf_counter()
+        if eval_last or trainer.epoch < cfg.epochs:
+            for name, arr in (eval_sets or {}).items():
+                rec.eval[name] = evaluate(sae, arr, batch_size=cfg.batch_size, cknna_rows=0, orthogonality=False)["own"]
+        rec.eval_seconds = time.perf_counter() - t1
         history.append(rec)
         if on_epoch is not None:
             on_epoch(rec, trainer)

@@ -75,7 +75,7 @@ class TrialRunner:
         self.hooks.training_starts()
         try:
             fit(sae, train, self.trial.train, epoch_evals, on_epoch=self.report_epoch, progress=False,
-                trainer=trainer, fit_stats=False, device_share=self.setup.gpu_fraction or 1.0)
+                trainer=trainer, fit_stats=False, device_share=self.setup.gpu_fraction or 1.0, eval_last=False)
         except DivergedError as e:
             self.sweep.write_result(self.key, {"status": "diverged", "failure": str(e), "metrics": {}})
             self.sweep.drop_state(self.key)
@@ -112,8 +112,9 @@ class TrialRunner:
         final = rec.epoch == self.trial.train.epochs
         metrics = self.epoch_metrics(rec)
         if final:
+            t0 = time.perf_counter()
             final_metrics, curve = self.final_metrics()
-            metrics.update(final_metrics)
+            metrics.update(final_metrics, final_seconds=time.perf_counter() - t0)
             self.save_final(metrics, curve)
         self.sweep.append_history(self.key, metrics)
         tune.report(self.tune_metrics(metrics, final))
@@ -143,7 +144,8 @@ class TrialRunner:
         progressive = self.setup.progressive and method_of(self.trial.method).progressive
         for name, arr in self.evals.items():
             ks: list[int | None] = [None] + (progressive_ks(self.sae.n) if name == primary and progressive else [])
-            res = evaluate(self.sae, arr, ks, batch_size=self.trial.train.batch_size)
+            res = evaluate(self.sae, arr, ks, batch_size=self.trial.train.batch_size, cknna_for=[None],
+                           orthogonality=name == primary)
             out.update({f"{name}/{k}": v for k, v in res["own"].items()})
             if name == primary:
                 out.update({k: res["own"][k] for k in HEADLINE})
@@ -230,6 +232,7 @@ class Hooks:
         return cls(key, os.environ.get(DIAGNOSTICS_ENV) == "memory", crash)
 
     def start(self) -> None:
+        self.data["trial_start"] = time.time()  # before opening data and building the SAE
         if self.memory:
             self.anon0 = _rss_anon()
 
