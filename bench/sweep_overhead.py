@@ -13,7 +13,7 @@ once on this 2-core machine). Measured in one run:
 Overhead = the share of the sweep's wall time x slots not spent in training epochs, where slots =
 concurrent trials (2): 1 - sum(epoch seconds) / (wall x slots). Target: at most 15%.
 
-Usage: python bench/sweep_overhead.py [--rows 100000] [--out bench-out/sweep-overhead] [--no-saelens]
+Usage: python bench/sweep_overhead.py [--rows 100000] [--out bench-out/sweep-overhead] [--no-saelens] [--no-progressive]
        (the SAELens loop needs `pip install -e '.[bench]'`)
 """
 from __future__ import annotations
@@ -33,11 +33,11 @@ from scale import D, make_cache  # noqa: E402  (bench/ is not a package)
 KS, LRS, EXPANSION, EPOCHS, BATCH = (16, 32, 64, 128), (5e-4, 1e-3), 8, 2, 4096
 
 
-def run_sweep(out: Path, train: Path, val: Path) -> dict:
+def run_sweep(out: Path, train: Path, val: Path, progressive: bool = True) -> dict:
     import yaml
     spec = {"name": "overhead", "data": {"train": str(train), "eval": {"val": str(val)}},
             "expansion": EXPANSION, "methods": {"topk": {"lr": list(LRS), "k": list(KS)}},
-            "training": {"epochs": EPOCHS, "batch_size": BATCH},
+            "training": {"epochs": EPOCHS, "batch_size": BATCH, "progressive": progressive},
             "resources": {"cpus": 1}, "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}"},
             "storage": str(out / "sweeps")}
     shutil.rmtree(out / "sweeps", ignore_errors=True)
@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--out", default="bench-out/sweep-overhead")
     ap.add_argument("--no-saelens", action="store_true", help="skip the SAELens loop")
+    ap.add_argument("--no-progressive", action="store_true",
+                    help="spec training.progressive: false (no final progressive-recovery curve)")
     a = ap.parse_args()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -108,8 +110,8 @@ def main() -> None:
     make_cache(val, 10_000, 2)
     slots = min(os.cpu_count() or 1, len(KS) * len(LRS))
     print(f"{len(KS) * len(LRS)} TopK SAEs, d {D}, n {EXPANSION * D}, {a.rows} rows, {EPOCHS} epochs of {BATCH}; "
-          f"{slots} trials at once", flush=True)
-    sweep = run_sweep(out, train, val)
+          f"{slots} trials at once; progressive curve {'off' if a.no_progressive else 'on'}", flush=True)
+    sweep = run_sweep(out, train, val, progressive=not a.no_progressive)
     trained = sum(t["epochs_s"] for t in sweep["trials"].values())
     first = min(t["first_step_s"] for t in sweep["trials"].values())
     overhead = 1 - trained / (sweep["wall_s"] * slots)

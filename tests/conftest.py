@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from msae.config import SAEConfig
-from msae.sae import REGISTRY, sae_config
+from msae.sae import REGISTRY, dense_training_loss, sae_config
 from msae.synthetic import make_synthetic
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -43,3 +43,21 @@ def mlflow_template(tmp_path_factory):
     db = tmp_path_factory.mktemp("mlflow") / "template.db"
     MlflowClient(f"sqlite:///{db}").search_experiments()
     return db
+
+
+def check_step_against_dense(sae, x, loss, before_dense=lambda: None):
+    """The fast training step's loss and every gradient equal the dense oracle's (msae/sae/dense.py);
+    returns the step's output. ``before_dense`` runs between the two (e.g. a path-taken check)."""
+    out = sae.training_step(x, loss)
+    out.loss.backward()
+    fast = {k: p.grad.clone() for k, p in sae.named_parameters()}
+    sae.zero_grad()
+    before_dense()
+    ref = dense_training_loss(sae, x, loss)
+    ref.backward()
+    assert abs(float(out.loss.detach()) - float(ref.detach())) <= 1e-5 * abs(float(ref.detach()))
+    for name, p in sae.named_parameters():
+        scale = float(p.grad.abs().max())
+        assert scale > 0, f"{name} got no gradient"
+        assert float((fast[name] - p.grad).abs().max()) <= 2e-5 * scale, name
+    return out

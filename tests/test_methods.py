@@ -6,10 +6,10 @@ from msae import checkpoint
 from msae.config import TrainConfig
 from msae.evaluate import evaluate
 from msae.losses import mse, nmse
-from msae.sae import create_sae, dense_training_loss, sae_config
+from msae.sae import create_sae, sae_config
 from msae.train import Trainer, fit, lr_multiplier, remove_parallel_grad, renormalize_decoder
 
-from conftest import D, N
+from conftest import D, N, check_step_against_dense
 
 
 def _perturbed(cfg, seed=1):
@@ -65,18 +65,7 @@ def test_exact_sparsity(cfg):
 @pytest.mark.parametrize("loss", [nmse, mse], ids=["nmse", "mse"])
 def test_fast_path_matches_dense_autograd(cfg, loss):
     sae = _perturbed(cfg)
-    x = torch.randn(48, D) * 1.5 + 0.2
-    out = sae.training_step(x, loss)
-    out.loss.backward()
-    fast = {k: p.grad.clone() for k, p in sae.named_parameters()}
-    sae.zero_grad()
-    ref = dense_training_loss(sae, x, loss)
-    ref.backward()
-    assert abs(float(out.loss.detach()) - float(ref.detach())) <= 1e-5 * abs(float(ref.detach()))
-    for name, p in sae.named_parameters():
-        scale = float(p.grad.abs().max())
-        assert scale > 0, f"{name} got no gradient"
-        assert float((fast[name] - p.grad).abs().max()) <= 2e-5 * scale, name
+    check_step_against_dense(sae, torch.randn(48, D) * 1.5 + 0.2, loss)
 
 
 def test_training_step_sparsity_counts(cfg):
