@@ -75,7 +75,7 @@ def run_saelens(train: Path) -> float:
     from sae_lens.training.sae_trainer import SAETrainer
 
     from msae.cache import open_cache
-    x = torch.from_numpy(np.ascontiguousarray(open_cache(train).embeddings))
+    x = torch.from_numpy(np.array(open_cache(train).embeddings))  # a writable copy
     steps = EPOCHS * (x.shape[0] // BATCH)
 
     def batches(seed: int):
