@@ -143,6 +143,18 @@ def new_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def replaced_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder under a temporary name; on success it replaces ``path`` whole
+    (:func:`swap_dir`). On failure ``path`` is as it was and nothing is left behind."""
+    tmp = temp_dir_beside(path)
+    try:
+        yield tmp
+        swap_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def swap_dir(new: str | os.PathLike, path: str | os.PathLike) -> None:
     """Replace folder ``path`` (ours) with the complete folder ``new``: at every moment either the
     old folder (at ``path`` or ``.NAME.old``) or the new one is in place (see :func:`latest_dir`)."""

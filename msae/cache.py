@@ -201,6 +201,24 @@ def write_cache(path: str | os.PathLike, embeddings: np.ndarray, ids: Sequence[s
     return info
 
 
+def open_input_cache(path: str | os.PathLike, what: str, expect_dim: int | None = None,
+                     labelled: bool = False) -> FeatureCache:
+    """:func:`open_cache` for a named input (a command-line option or a spec key): every error
+    starts with ``what`` and the path; a file that is not a feature cache, or (``labelled``) a
+    cache without a label column, is refused."""
+    if not Path(path).is_file():
+        raise MsaeError(f"{what} {path}: no such file; expected a feature cache (.arrow) file")
+    if not is_cache(path):
+        raise MsaeError(f"{what} {path}: expected a feature cache (.arrow) file")
+    try:
+        cache = open_cache(path, expect_dim=expect_dim)
+    except MsaeError as e:
+        raise MsaeError(f"{what}: {e}") from e
+    if labelled and cache.labels is None:
+        raise MsaeError(f"{what} {path}: has no label column; expected a labelled cache (docs/cache-format.md)")
+    return cache
+
+
 def open_cache(path: str | os.PathLike, expect_dim: int | None = None, check_finite: bool = True,
                verify: bool = False) -> FeatureCache:
     """Open and validate a cache; ``verify`` also recomputes the content hash (reads everything)."""

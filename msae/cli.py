@@ -108,15 +108,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     def on_epoch(rec, trainer):
         log.append(rec.flat())
-        if evals and not args.quiet:
+        if rec.eval and not args.quiet:  # the last epoch is reported by the final lines below
             summary = "; ".join(f"{name}: {summary_line(r)}" for name, r in rec.eval.items())
             tqdm.write(f"epoch {rec.epoch}: loss={rec.loss:.4f} {summary}", file=sys.stderr)
 
-    try:
-        fit(sae, train, tcfg, evals, on_epoch=on_epoch, progress=not args.quiet)
+    try:  # the last epoch is evaluated once, in full, as the final model
+        fit(sae, train, tcfg, evals, on_epoch=on_epoch, progress=not args.quiet, eval_last=False)
     except DivergedError as e:
         raise MsaeError(f"training diverged: {e}") from None
     final = {name: evaluate(sae, arr, batch_size=tcfg.batch_size)["own"] for name, arr in evals.items()}
+    log[-1].update({f"{name}/{k}": v for name, r in final.items() for k, v in r.items()})
     data_info = {"train": str(args.data), "rows": int(train.shape[0]), "fingerprint": fingerprint(train)}
     checkpoint.save(sae, out, train=tcfg.to_dict(), preprocessing=preprocessing_record(sae, tcfg), data=data_info,
                     files={"metrics.json": {"history": log, "final": final}}, overwrite=args.overwrite)
@@ -168,26 +169,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- interpretation (docs/interpret.md)
 
-def _labelled(path: str, option: str, d: int):
-    from msae.cache import is_cache, open_cache
-
-    if not Path(path).is_file():
-        raise MsaeError(f"{option} {path}: no such file")
-    if not is_cache(path):
-        raise MsaeError(f"{option} {path}: expected a labelled feature cache (.arrow)")
-    cache = open_cache(path, expect_dim=d)
-    if cache.labels is None:
-        raise MsaeError(f"{option} {path}: has no label column; expected a labelled cache (docs/cache-format.md)")
-    return cache
-
-
 def _vocab(path: str, d: int):
     """A vocabulary text cache of dimension ``d``, and its words (texts, else ids)."""
-    from msae.cache import open_cache
+    from msae.cache import open_input_cache
 
-    if not Path(path).is_file():
-        raise MsaeError(f"--vocab {path}: no such file")
-    vocab = open_cache(path)
+    vocab = open_input_cache(path, "--vocab")
     if vocab.info.d != d:
         raise MsaeError(f"--vocab {path}: embeddings of dimension {vocab.info.d}; the model has d = {d}")
     return vocab, vocab.texts or vocab.ids
@@ -196,12 +182,13 @@ def _vocab(path: str, d: int):
 def cmd_probe(args: argparse.Namespace) -> int:
     from msae import atomic, checkpoint
     from msae.data import pick_device
+    from msae.cache import open_input_cache
     from msae.interpret.probe import Probe, probe_fidelity, split_holdout, train_probe
 
     out = _check_out_file(Path(args.out), args.overwrite)
     sae = checkpoint.load(args.checkpoint, device=pick_device(args.device))
     ks = _ks(args.k, sae.n)
-    data = _labelled(args.data, "--data", sae.d)
+    data = open_input_cache(args.data, "--data", sae.d, labelled=True)
     x, labels = data.embeddings, data.labels
     report: dict = {}
     if args.probe:
@@ -210,7 +197,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     else:
         probe, report["probe"] = train_probe(x, labels, seed=args.seed, holdout=args.holdout)
     if args.eval:
-        ev = _labelled(args.eval, "--eval", sae.d)
+        ev = open_input_cache(args.eval, "--eval", sae.d, labelled=True)
         ex, elabels = ev.embeddings, ev.labels
     else:
         _, held = split_holdout(x.shape[0], args.holdout, args.seed)
@@ -289,14 +276,12 @@ def _latent_for_word(sae, vocab_path: str | None, word: str, option: str) -> int
 
 def cmd_search(args: argparse.Namespace) -> int:
     from msae import atomic, checkpoint
-    from msae.cache import open_cache
+    from msae.cache import open_input_cache
     from msae.interpret.search import check_latent, steer, top_rows
 
     out = None if args.out is None else _check_out_file(Path(args.out), args.overwrite)
     sae = checkpoint.load(args.checkpoint)
-    if not Path(args.data).is_file():
-        raise MsaeError(f"--data {args.data}: no such file")
-    data = open_cache(args.data, expect_dim=sae.d)
+    data = open_input_cache(args.data, "--data", sae.d)
     ids, texts = data.ids, data.texts
     if args.query is None:
         if (args.latent is None) == (args.concept is None):
@@ -330,15 +315,13 @@ def cmd_bias(args: argparse.Namespace) -> int:
     import numpy as np
 
     from msae import atomic, checkpoint
-    from msae.cache import open_cache
+    from msae.cache import open_input_cache
     from msae.interpret.bias import attribute_bias
     from msae.interpret.naming import name_latents
 
     out = _check_out_file(Path(args.out), args.overwrite)
     sae = checkpoint.load(args.checkpoint)
-    if not Path(args.data).is_file():
-        raise MsaeError(f"--data {args.data}: no such file")
-    data = open_cache(args.data, expect_dim=sae.d)
+    data = open_input_cache(args.data, "--data", sae.d)
     attrs = data.attributes
     if args.attribute not in attrs:
         raise MsaeError(f"--attribute {args.attribute}: not an attribute column of {args.data} "
@@ -365,10 +348,8 @@ def cmd_bias(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    import shutil
-
     from msae import atomic, checkpoint
-    from msae.cache import open_cache
+    from msae.cache import open_input_cache
     from msae.data import pick_device
     from msae.interpret.naming import name_latents
     from msae.interpret.report import MARKER, Samples, latent_stats, make_thumbnails, write_report
@@ -380,9 +361,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.per_page < 1 or args.samples < 1:
         raise MsaeError("report: --per-page and --samples must be at least 1")
     sae = checkpoint.load(args.checkpoint, device=pick_device(args.device))
-    if not Path(args.data).is_file():
-        raise MsaeError(f"--data {args.data}: no such file")
-    data = open_cache(args.data, expect_dim=sae.d)
+    data = open_input_cache(args.data, "--data", sae.d)
     images = None
     if args.images:
         images = Path(args.images)
@@ -404,15 +383,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         ids, texts, labels = data.ids, data.texts, data.labels
     st = latent_stats(sae, x, samples=args.samples)
     title = args.title or f"{Path(args.checkpoint).name} on {Path(args.data).name}"
-    tmp = atomic.temp_dir_beside(out)
-    try:
+    with atomic.replaced_dir(out) as tmp:  # an earlier report is replaced whole; a failure leaves it as it was
         thumbs, failed = make_thumbnails(st.top_rows.ravel(), ids, images, tmp / "thumbs") if images else ({}, 0)
         summary = write_report(sae, st, tmp, Samples(ids, texts, thumbs, labels), names, scores, named, title, args.per_page)
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        atomic.swap_dir(tmp, out)  # an earlier report is replaced whole; a failure leaves it as it was
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     note = f"; {failed} images could not be read (shown by id)" if failed else ""
     print(f"report of {sae.n} latents on {st.rows} rows ({summary['pages']} pages, {summary['dead_latents']} never fire"
           + (f", {summary['named_latents']} named" if named is not None else "") + f"{note}): {out / 'index.html'}")

@@ -8,9 +8,14 @@ import torch
 import torch.nn.functional as F
 
 
-def fvu_per_sample(x: torch.Tensor, xh: torch.Tensor) -> torch.Tensor:
-    """The paper's FVU per sample: Var_d(x - x^) / Var_d(x)  -> [B]."""
-    return (x - xh).var(dim=1, unbiased=False) / x.var(dim=1, unbiased=False).clamp_min(1e-30)
+def fvu_per_sample(x: torch.Tensor, xh: torch.Tensor, var_x: torch.Tensor | None = None) -> torch.Tensor:
+    """The paper's FVU per sample: Var_d(x - x^) / Var_d(x)  -> [B] (``var_x``: Var_d(x), when known)."""
+    return (x - xh).var(dim=1, unbiased=False) / (sample_var(x) if var_x is None else var_x)
+
+
+def sample_var(x: torch.Tensor) -> torch.Tensor:
+    """Var_d(x) per sample, kept away from zero (the FVU's denominator)."""
+    return x.var(dim=1, unbiased=False).clamp_min(1e-30)
 
 
 def fvu_dataset(x: torch.Tensor, xh: torch.Tensor) -> float:
@@ -18,8 +23,9 @@ def fvu_dataset(x: torch.Tensor, xh: torch.Tensor) -> float:
     return float((x - xh).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-30))
 
 
-def nmse_per_sample(x: torch.Tensor, xh: torch.Tensor) -> torch.Tensor:
-    return (xh - x).pow(2).mean(1) / x.pow(2).mean(1).clamp_min(1e-30)
+def nmse_per_sample(x: torch.Tensor, xh: torch.Tensor, msq_x: torch.Tensor | None = None) -> torch.Tensor:
+    """|x^ - x|^2 / |x|^2 per sample (``msq_x``: mean_d(x^2), when known)."""
+    return (xh - x).pow(2).mean(1) / (x.pow(2).mean(1).clamp_min(1e-30) if msq_x is None else msq_x)
 
 
 def cosine_per_sample(x: torch.Tensor, xh: torch.Tensor) -> torch.Tensor:
@@ -88,8 +94,7 @@ class Originals:
 
     def __init__(self, x: torch.Tensor, xp: torch.Tensor):
         self.x, self.xp, self.xp32 = x.to(torch.float64), xp.to(torch.float64), xp
-        self.var_x = self.x.var(dim=1, unbiased=False).clamp_min(1e-30)
-        self.var_xp = self.xp.var(dim=1, unbiased=False).clamp_min(1e-30)
+        self.var_x, self.var_xp = sample_var(self.x), sample_var(self.xp)
         self.msq_xp = self.xp.pow(2).mean(1).clamp_min(1e-30)
         self.sum_sq = float(self.x.pow(2).sum())
         self.sum_x = self.x.sum(0).cpu()
@@ -118,17 +123,16 @@ class ReconStats:
 
     @torch.no_grad()
     def add(self, orig: Originals, xh: torch.Tensor, xph: torch.Tensor, z: torch.Tensor | None) -> None:
-        """:meth:`update` against a batch's precomputed :class:`Originals` (same metrics: the
-        per-sample functions above, with the input's variance and mean square computed once)."""
+        """:meth:`update` against a batch's precomputed :class:`Originals` (the per-sample
+        functions above, given the input's variance and mean square computed once)."""
         xh64, xph64 = xh.to(torch.float64), xph.to(torch.float64)
-        err, errp = orig.x - xh64, orig.xp - xph64
         self.rows += xh.shape[0]
-        self._add("fvu", err.var(dim=1, unbiased=False) / orig.var_x)
+        self._add("fvu", fvu_per_sample(orig.x, xh64, orig.var_x))
         self._add("cosine", cosine_per_sample(orig.x, xh64))
-        self._add("fvu_processed", errp.var(dim=1, unbiased=False) / orig.var_xp)
+        self._add("fvu_processed", fvu_per_sample(orig.xp, xph64, orig.var_xp))
         self._add("cosine_processed", cosine_per_sample(orig.xp32, xph))
-        self._add("nmse", errp.pow(2).mean(1) / orig.msq_xp)
-        self.sse += float(err.pow(2).sum())
+        self._add("nmse", nmse_per_sample(orig.xp, xph64, orig.msq_xp))
+        self.sse += float((orig.x - xh64).pow(2).sum())
         self.sum_sq += orig.sum_sq
         self.sum_x = orig.sum_x if self.sum_x is None else self.sum_x + orig.sum_x
         if z is not None:

@@ -132,25 +132,11 @@ def open_data(spec: SweepSpec) -> SweepData:
                      open_semantic(spec, d))
 
 
-def _cache(path: str, key: str, d: int, labelled: bool = False, texts: bool = False):
-    from msae.cache import is_cache, open_cache
-
-    if not Path(path).is_file():
-        raise MsaeError(f"{key} {path}: no such file; expected a feature cache (.arrow) file")
-    if not is_cache(path):
-        raise MsaeError(f"{key} {path}: expected a feature cache (.arrow) file")
-    try:
-        cache = open_cache(path, expect_dim=d)
-    except MsaeError as e:
-        raise MsaeError(f"{key}: {e}") from e
-    if labelled and cache.labels is None:
-        raise MsaeError(f"{key} {path}: has no label column; expected a labelled cache (docs/cache-format.md)")
-    return cache
-
-
 def open_semantic(spec: SweepSpec, d: int) -> SemanticData | None:
     """The ``evaluation`` section: the probe trained once (seeded, deterministic), its evaluation
     rows and the mean-reconstruction KL; the vocabulary. None without the section."""
+    from msae.cache import open_input_cache
+
     ev = spec.evaluation
     if ev.probe is None and ev.vocabulary is None:
         return None
@@ -160,10 +146,10 @@ def open_semantic(spec: SweepSpec, d: int) -> SemanticData | None:
         from msae.interpret.probe import mean_reconstruction_kl, split_holdout, train_probe
 
         pd = ev.probe
-        data = _cache(pd.data, "evaluation.probe.data", d, labelled=True)
+        data = open_input_cache(pd.data, "evaluation.probe.data", d, labelled=True)
         probe, _ = train_probe(data.embeddings, data.labels, seed=pd.seed, holdout=pd.holdout)
         if pd.eval:
-            ev_cache = _cache(pd.eval, "evaluation.probe.eval", d, labelled=True)
+            ev_cache = open_input_cache(pd.eval, "evaluation.probe.eval", d, labelled=True)
             probe_eval, labels = describe("probe/eval", pd.eval, ev_cache.embeddings), tuple(ev_cache.labels)
             x_eval = ev_cache.embeddings
         else:
@@ -172,7 +158,7 @@ def open_semantic(spec: SweepSpec, d: int) -> SemanticData | None:
             x_eval = np.asarray(data.embeddings)[rows]
         mean_kl = mean_reconstruction_kl(probe, x_eval)
     if ev.vocabulary is not None:
-        vc = _cache(ev.vocabulary, "evaluation.vocabulary", d)
+        vc = open_input_cache(ev.vocabulary, "evaluation.vocabulary", d)
         vocab, words = describe("vocab", ev.vocabulary, vc.embeddings), tuple(vc.texts or vc.ids)
     return SemanticData(probe, probe_eval, rows, labels, mean_kl, vocab, words)
 

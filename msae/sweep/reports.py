@@ -3,7 +3,6 @@ sweep's chosen front: the front point nearest the ideal corner (msae.sweep.front
 drawn on the primary evaluation cache with the spec's vocabulary."""
 from __future__ import annotations
 
-import shutil
 from typing import Any
 
 import numpy as np
@@ -53,12 +52,7 @@ def write_best_reports(sweep: SweepDir, fronts: dict[str, Any], plane: str, eval
             nm = name_latents(sae, vocab.embeddings, vocab.texts or vocab.ids, top=5)
             names, scores, named = nm.names, nm.scores, nm.named
         st = latent_stats(sae, x)
-        target = sweep.report_dir(key)
-        tmp = atomic.temp_dir_beside(target)
-        try:
+        with atomic.replaced_dir(sweep.report_dir(key)) as tmp:
             write_report(sae, st, tmp, Samples(ids, texts, {}, labels), names, scores, named,
                          f"{method}: best model of its (L0, {PLANES[plane]}) front ({key})", per_page)
-            atomic.swap_dir(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return picks
