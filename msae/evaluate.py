@@ -45,32 +45,21 @@ def evaluate(sae: SAE, data: np.ndarray | torch.Tensor, ks: Sequence[int | None]
     with_cknna = {key_of(k) for k in (ks if cknna_for is None else cknna_for)} if cknna_rows > 0 else set()
     sample: dict[str, tuple] = {}
     ortho = decoder_orthogonality(sae.W_dec) if orthogonality else None
-    topks = sorted({k for k in ks if k is not None})
-    native = kernels() if len(topks) > 1 and device.type == "cpu" and sae.W_dec.dtype == torch.float32 else None
     for xb in batches(x_all, batch_size):
         x = xb.to(device, torch.float32)
         xp = sae.preprocess(x)
         pre = sae.pre_activation(xp)
         orig = Originals(x, xp)
-        if native is not None:  # every top-k level in one nested selection and one decode pass
-            dense_for = {c for c, k in enumerate(topks) if key_of(k) in with_cknna and key_of(k) not in sample}
-            for c, (k, xph, code) in enumerate(_nested_levels(sae, native, pre, topks, cknna_rows, dense_for)):
-                xh = sae.postprocess(xph)
-                key = key_of(k)
-                stats[key].add(orig, xh, xph, None)
-                stats[key].update_code(*code[:3])
-                if c in dense_for:
-                    sample[key] = (x[:cknna_rows].cpu(), xh[:cknna_rows].cpu(), code[3])
-        for k in ks:
-            if native is not None and k is not None:
-                continue
-            z = sae.activate(pre) if k is None else topk_relu_dense(pre, k)
-            xph = _decode(sae, z)
+        dense_for = {k for k in ks if key_of(k) in with_cknna and key_of(k) not in sample}
+        for k, xph, z, code in reconstructions(sae, pre, ks, cknna_rows, dense_for):
             xh = sae.postprocess(xph)
             key = key_of(k)
             stats[key].add(orig, xh, xph, z)
-            if key in with_cknna and key not in sample:
-                sample[key] = (x[:cknna_rows].cpu(), xh[:cknna_rows].cpu(), z[:cknna_rows].cpu())
+            if code is not None:
+                stats[key].update_code(*code[:3])
+            if k in dense_for:
+                sample[key] = (x[:cknna_rows].cpu(), xh[:cknna_rows].cpu(),
+                               z[:cknna_rows].cpu() if z is not None else code[3])
     out = {}
     for key, st in stats.items():
         res = st.result()
@@ -86,6 +75,25 @@ def evaluate(sae: SAE, data: np.ndarray | torch.Tensor, ks: Sequence[int | None]
 
 
 
+def reconstructions(sae: SAE, pre: torch.Tensor, ks: Sequence[int | None], first_rows: int = 0,
+                    dense_for: set[int | None] = frozenset()):
+    """For each k of ``ks`` (None: the model's own code) the processed-space reconstruction of one
+    batch's pre-activations, as ``(k, xph, z, code)``: ``z`` the dense code where one was built
+    (else None), ``code`` the native path's summary (else None; see :func:`_nested_levels`, which
+    makes the dense code of the first ``first_rows`` rows for the ks in ``dense_for``). On the CPU
+    several top-k levels come from ONE nested selection and one decode pass."""
+    topks = sorted({k for k in ks if k is not None})
+    native = (kernels() if len(topks) > 1 and pre.device.type == "cpu" and sae.W_dec.dtype == torch.float32
+              else None)
+    if native is not None:
+        for k, xph, code in _nested_levels(sae, native, pre, topks, first_rows, dense_for):
+            yield k, xph, None, code
+    for k in ks:
+        if native is None or k is None:
+            z = sae.activate(pre) if k is None else topk_relu_dense(pre, k)
+            yield k, _decode(sae, z), z, None
+
+
 def _decode(sae: SAE, z: torch.Tensor) -> torch.Tensor:
     """``sae.decode_processed(z)``; a sparse code (under SPARSE_DECODE_DENSITY non-zeros, on the
     CPU) is decoded from its CSR form, which skips the dense [B, n] x [n, d] product."""
@@ -95,10 +103,10 @@ def _decode(sae: SAE, z: torch.Tensor) -> torch.Tensor:
     return sae.decode_sparse(SparseRows(c.crow_indices(), c.col_indices(), c.values(), sae.n))
 
 
-def _nested_levels(sae: SAE, native, pre: torch.Tensor, levels: list[int], first_rows: int, dense_for: set[int]):
+def _nested_levels(sae: SAE, native, pre: torch.Tensor, levels: list[int], first_rows: int, dense_for: set):
     """For each k of ``levels`` (ascending): the processed-space reconstruction of ReLU(top-k of
     ``pre``), and its code's summary (per-row non-zeros, fired latents, the count, sum and sum of
-    squares of its values, and, for the level indices in ``dense_for``, the dense code of the first
+    squares of its values, and, for the ks in ``dense_for``, the dense code of the first
     ``first_rows`` rows), from ONE nested selection and ONE pass of the native decode kernel
     (msae/sae/csrc/msae_cpu.cpp) instead of a top-k, a scatter and a dense GEMM per k. Level c's
     code is chunks 0..c, so every summary is a cumulative sum over per-chunk counts (one pass)."""
@@ -119,7 +127,7 @@ def _nested_levels(sae: SAE, native, pre: torch.Tensor, levels: list[int], first
     head = int(crow[min(first_rows, B)])
     for c, k in enumerate(levels):
         dense = None
-        if c in dense_for:
+        if k in dense_for:
             first = chunk[:head] <= c
             sub_crow = torch.zeros(min(first_rows, B) + 1, dtype=torch.long)
             torch.cumsum(l0[:min(first_rows, B), c].long(), 0, out=sub_crow[1:])

@@ -124,8 +124,7 @@ def probe_fidelity(sae, probe: Probe, x: np.ndarray | torch.Tensor, labels: Sequ
                    ks: Sequence[int | None] = (None,), batch_size: int = 4096) -> dict[str, dict]:
     """Per k ('own' for the model's code): kl, agreement, accuracy_original, accuracy_reconstructed
     (accuracies only when ``labels`` are given), rows."""
-    from msae.evaluate import key_of
-    from msae.sae.base import topk_relu_dense
+    from msae.evaluate import key_of, reconstructions
 
     if probe.d != sae.d:
         raise MsaeError(f"probe: trained on dimension {probe.d}, the model has d = {sae.d}")
@@ -138,9 +137,8 @@ def probe_fidelity(sae, probe: Probe, x: np.ndarray | torch.Tensor, labels: Sequ
         xb = xt[s:s + batch_size].to(device, torch.float32)
         logp = torch.log_softmax(probe.logits(xb.cpu()), 1)
         pre = sae.pre_activation(sae.preprocess(xb))
-        for k in ks:
-            z = sae.activate(pre) if k is None else topk_relu_dense(pre, k)
-            xh = sae.postprocess(sae.decode_processed(z)).cpu()
+        for k, xph, _, _ in reconstructions(sae, pre, ks):
+            xh = sae.postprocess(xph).cpu()
             logq = torch.log_softmax(probe.logits(xh), 1)
             acc = sums[key_of(k)]
             acc["kl"] += float((logp.exp() * (logp - logq)).sum())
