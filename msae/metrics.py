@@ -4,6 +4,8 @@ Pure functions work on one batch; :class:`ReconStats` accumulates over a data se
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -48,15 +50,14 @@ def dead_fraction(z: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def decoder_orthogonality(W_dec: torch.Tensor, block: int = 2048) -> float:
-    """Mean over all n^2 entries of the squared off-diagonal of W_dec W_dec^T (block-wise)."""
-    n = W_dec.shape[0]
-    W = W_dec.to(torch.float64)
-    total = 0.0
-    for s in range(0, n, block):
-        total += float((W[s:s + block] @ W.t()).pow(2).sum())
-    total -= float(W.pow(2).sum(1).pow(2).sum())
-    return total / (n * n)
+def decoder_orthogonality(W_dec: torch.Tensor) -> float:
+    """Mean over all n^2 entries of the squared off-diagonal of W_dec W_dec^T, in float64.
+    ||W W^T||_F^2 = ||W^T W||_F^2, so the n x n Gram is never formed when d < n (a d x d one,
+    n / d times cheaper); the diagonal's part is sum_i |w_i|^4."""
+    n, d = W_dec.shape
+    W = W_dec.detach().to(torch.float64)
+    gram = W.t() @ W if d < n else W @ W.t()
+    return (float(gram.pow(2).sum()) - float(W.pow(2).sum(1).pow(2).sum())) / (n * n)
 
 
 def _hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
@@ -64,7 +65,16 @@ def _hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     Kt = K.clone().fill_diagonal_(0)
     Lt = L.clone().fill_diagonal_(0)
     return ((Kt * Lt.t()).sum() + Kt.sum() * Lt.sum() / ((m - 1) * (m - 2))
-            - 2 * (Kt @ Lt).sum() / (m - 2)) / (m * (m - 3))
+            - 2 * (Kt.sum(0) @ Lt.sum(1)) / (m - 2)) / (m * (m - 3))  # sum(Kt @ Lt) in O(m^2)
+
+
+def _cosine_gram(a: torch.Tensor) -> torch.Tensor:
+    """a_n a_n^T for the L2-normalised rows a_n of ``a``, in float64; a sparse ``a`` (an SAE code:
+    under a tenth non-zero) through its CSR form, which costs its non-zeros instead of m^2 x n."""
+    a = F.normalize(a.to(torch.float64), dim=1)
+    if a.device.type == "cpu" and int(torch.count_nonzero(a)) < 0.1 * a.numel():
+        return (a.to_sparse_csr() @ a.t()).to_dense()
+    return a @ a.t()
 
 
 @torch.no_grad()
@@ -73,9 +83,7 @@ def cknna(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
     on L2-normalised rows with linear kernels. Depends on the number of rows: fix and record it."""
     if a.shape[0] != b.shape[0] or a.shape[0] < max(4, k + 1):
         raise ValueError("cknna: need the same number of rows, at least max(4, k + 1)")
-    a = F.normalize(a.to(torch.float64), dim=1)
-    b = F.normalize(b.to(torch.float64), dim=1)
-    K, L = a @ a.t(), b @ b.t()
+    K, L = _cosine_gram(a), _cosine_gram(b)
     n = K.shape[0]
 
     def sim(P, Q):
@@ -87,17 +95,43 @@ def cknna(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
     return float(sim(K, L) / (torch.sqrt(sim(K, K) * sim(L, L)) + 1e-6))
 
 
+class RowSums(NamedTuple):
+    """Per-row sums of a reconstruction ``ah`` against its input ``a`` over the last dimension
+    (float64 [B] each): the residual's sum and sum of squares, <a, ah> and |ah|^2. Every
+    reconstruction metric of a batch follows from these and the input's own sums."""
+
+    err: torch.Tensor
+    err_sq: torch.Tensor
+    dot: torch.Tensor
+    sq: torch.Tensor
+
+    @classmethod
+    def of(cls, a: torch.Tensor, ah: torch.Tensor) -> "RowSums":
+        """In the inputs' dtype (the reductions run over d only), the results in float64."""
+        e = a - ah
+        f = torch.float64
+        return cls(e.sum(-1).to(f), torch.linalg.vecdot(e, e).to(f), torch.linalg.vecdot(a, ah).to(f),
+                   torch.linalg.vecdot(ah, ah).to(f))
+
+
 class Originals:
-    """One batch's inputs (original ``x`` and processed ``xp``) in float64 with what every
-    reconstruction of that batch is compared against, computed once (evaluate() measures several
-    ks of one batch)."""
+    """One batch's inputs (original ``x`` and processed ``xp``) with what every reconstruction of
+    that batch is compared against, computed once (evaluate() measures several ks of one batch)."""
 
     def __init__(self, x: torch.Tensor, xp: torch.Tensor):
-        self.x, self.xp, self.xp32 = x.to(torch.float64), xp.to(torch.float64), xp
-        self.var_x, self.var_xp = sample_var(self.x), sample_var(self.xp)
-        self.msq_xp = self.xp.pow(2).mean(1).clamp_min(1e-30)
-        self.sum_sq = float(self.x.pow(2).sum())
-        self.sum_x = self.x.sum(0).cpu()
+        self.x, self.xp = x, xp
+        x64, xp64 = x.to(torch.float64), xp.to(torch.float64)
+        self.d = x.shape[1]
+        self.var_x, self.var_xp = sample_var(x64), sample_var(xp64)
+        self.sq_x, self.sq_xp = x64.pow(2).sum(1), xp64.pow(2).sum(1)
+        self.msq_xp = (self.sq_xp / self.d).clamp_min(1e-30)
+        self.sum_sq = float(self.sq_x.sum())
+        self.sum_x = x64.sum(0).cpu()
+
+
+def _cosine(dot: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
+    """``cosine_per_sample`` from the row sums (the same eps)."""
+    return dot / (sq_a * sq_b).clamp_min(1e-24).sqrt()
 
 
 class ReconStats:
@@ -123,22 +157,27 @@ class ReconStats:
 
     @torch.no_grad()
     def add(self, orig: Originals, xh: torch.Tensor, xph: torch.Tensor, z: torch.Tensor | None) -> None:
-        """:meth:`update` against a batch's precomputed :class:`Originals` (the per-sample
-        functions above, given the input's variance and mean square computed once)."""
-        xh64, xph64 = xh.to(torch.float64), xph.to(torch.float64)
-        self.rows += xh.shape[0]
-        self._add("fvu", fvu_per_sample(orig.x, xh64, orig.var_x))
-        self._add("cosine", cosine_per_sample(orig.x, xh64))
-        self._add("fvu_processed", fvu_per_sample(orig.xp, xph64, orig.var_xp))
-        self._add("cosine_processed", cosine_per_sample(orig.xp32, xph))
-        self._add("nmse", nmse_per_sample(orig.xp, xph64, orig.msq_xp))
-        self.sse += float((orig.x - xh64).pow(2).sum())
-        self.sum_sq += orig.sum_sq
-        self.sum_x = orig.sum_x if self.sum_x is None else self.sum_x + orig.sum_x
+        """:meth:`update` against a batch's precomputed :class:`Originals`."""
+        self.add_sums(orig, RowSums.of(orig.x, xh), RowSums.of(orig.xp, xph))
         if z is not None:
             nz = z != 0
             v = z[nz].to(torch.float64)
-            self.update_code(l0_per_sample(z), nz.any(0), (v.numel(), float(v.sum()), float(v.pow(2).sum())))
+            self.update_code(nz.sum(1).to(torch.float64), nz.any(0), (v.numel(), float(v.sum()), float(v.pow(2).sum())))
+
+    def add_sums(self, orig: Originals, s: RowSums, sp: RowSums) -> None:
+        """The reconstruction part of :meth:`add` from its row sums in original (``s``) and
+        processed (``sp``) space: the paper's per-sample FVU Var_d(x - x^) / Var_d(x), cosine, the
+        processed-space pair, NMSE |x^ - x|^2 / |x|^2 (processed) and the data-set FVU's sums."""
+        d = orig.d
+        self.rows += s.err.shape[0]
+        self._add("fvu", (s.err_sq / d - (s.err / d) ** 2).clamp_min(0) / orig.var_x)
+        self._add("cosine", _cosine(s.dot, orig.sq_x, s.sq))
+        self._add("fvu_processed", (sp.err_sq / d - (sp.err / d) ** 2).clamp_min(0) / orig.var_xp)
+        self._add("cosine_processed", _cosine(sp.dot, orig.sq_xp, sp.sq))
+        self._add("nmse", sp.err_sq / d / orig.msq_xp)
+        self.sse += float(s.err_sq.sum())
+        self.sum_sq += orig.sum_sq
+        self.sum_x = orig.sum_x if self.sum_x is None else self.sum_x + orig.sum_x
 
     def update_code(self, l0: torch.Tensor, fired: torch.Tensor, act: tuple[float, float, float]) -> None:
         """The code's part of :meth:`update` from its summary: per-sample non-zero counts, which

@@ -42,8 +42,13 @@ def test_nmse_cosine_l0():
 def test_decoder_orthogonality():
     W = t([[1, 0], [0, 1], [1, 0]])
     # Gram off-diagonal: (0,2) and (2,0) are 1, others 0 -> 2 / 9
-    assert M.decoder_orthogonality(W, block=2) == pytest.approx(2 / 9)
+    assert M.decoder_orthogonality(W) == pytest.approx(2 / 9)
     assert M.decoder_orthogonality(torch.eye(4)) == 0.0
+    for n, d in ((40, 7), (7, 40)):  # the d x d Gram (d < n) and the n x n one, against the definition
+        V = torch.randn(n, d, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+        G = V @ V.t()
+        off = (G - torch.diag(torch.diag(G))).pow(2).mean()
+        assert M.decoder_orthogonality(V.float()) == pytest.approx(float(off), rel=1e-6)
 
 
 def _cknna_numpy(a, b, k):
@@ -82,6 +87,9 @@ def test_cknna_against_independent_numpy():
     assert got == pytest.approx(_cknna_numpy(a, b, 4), rel=1e-9)
     unrelated = M.cknna(torch.from_numpy(a), torch.from_numpy(rng.standard_normal((20, 5))), k=4)
     assert unrelated < got
+    code = np.where(rng.random((20, 400)) < 0.03, rng.random((20, 400)), 0.0)  # a sparse code: the CSR gram
+    code[:, 0] = 0.5  # no empty row
+    assert M.cknna(torch.from_numpy(a), torch.from_numpy(code), k=4) == pytest.approx(_cknna_numpy(a, code, 4), rel=1e-9)
 
 
 def test_recon_stats_streaming_equals_batch_formulas():
@@ -133,3 +141,45 @@ def test_evaluate_rejects_k_beyond_n():
     sae = create_sae(sae_config("topk", 8, 16, k=4))
     with pytest.raises(MsaeError, match=r"k: expected an integer between 1 and n=16 \(the number of latents\), got 17"):
         evaluate(sae, np.zeros((5, 8), dtype=np.float32), ks=[None, 17])
+
+
+@pytest.mark.parametrize("native_levels", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("example", [(m.name, name, values) for m in __import__("msae.sae", fromlist=["REGISTRY"]).REGISTRY.values()
+                                     for name, values in m.examples.items()], ids=lambda e: e[1])
+def test_evaluate_equals_the_definitions(example, native_levels, monkeypatch):
+    """Every metric evaluate() streams (row sums, sparse codes, nested levels) against the batch
+    formulas above on the dense code, for every method's example, at its own code and two top-k
+    levels (one small enough for the sparse top-k path, one not), over several batches."""
+    from msae import evaluate as evaluate_mod
+    from msae.evaluate import evaluate
+    from msae.sae import create_sae, sae_config
+    from msae.sae.base import topk_relu_dense
+    method, _, values = example
+    d, n = 16, 512
+    sae = create_sae(sae_config(method, d, n, **values), seed=1)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        sae.b_enc.add_(torch.randn(n, generator=g) * 0.2)
+        sae.set_preprocessing(torch.randn(d, generator=g), 0.7)
+    x = torch.randn(300, d, generator=g) * 1.5 + 0.5
+    if not native_levels:
+        monkeypatch.setattr(evaluate_mod, "kernels", lambda: None)
+    got = evaluate(sae, x, [None, 4, 32], batch_size=128, cknna_rows=0, orthogonality=False)
+    with torch.no_grad():
+        xp = sae.preprocess(x)
+        pre = sae.pre_activation(xp)
+        for key, z in (("own", sae.activate(pre)), ("4", topk_relu_dense(pre, 4)), ("32", topk_relu_dense(pre, 32))):
+            xph = z @ sae.W_dec + sae.b_dec
+            xh = sae.postprocess(xph)
+            x64, xh64, xp64, xph64 = (t.double() for t in (x, xh, xp, xph))
+            nz = z[z != 0].double()
+            want = {"fvu": M.fvu_per_sample(x64, xh64).mean(), "cosine": M.cosine_per_sample(x64, xh64).mean(),
+                    "fvu_processed": M.fvu_per_sample(xp64, xph64).mean(),
+                    "cosine_processed": M.cosine_per_sample(xp64, xph64).mean(),
+                    "nmse": M.nmse_per_sample(xp64, xph64).mean(), "fvu_dataset": M.fvu_dataset(x64, xh64),
+                    "l0": M.l0_per_sample(z).mean(), "zero_fraction": M.zero_fraction(z),
+                    "dead_fraction": M.dead_fraction(z), "act_mean": nz.mean(), "act_std": nz.std(unbiased=False)}
+            assert 0 < float(want["l0"]) < n
+            for metric, value in want.items():
+                assert got[key][metric] == pytest.approx(float(value), rel=1e-4, abs=1e-6), (key, metric)
+            assert got[key]["rows"] == 300
