@@ -11,7 +11,7 @@ from msae.data import as_tensor, batches
 from msae.metrics import Originals, ReconStats, cknna, decoder_orthogonality
 from msae.sae import SAE
 from msae.sae.base import topk_relu_dense
-from msae.sae.kernels import Entries, SparseRows
+from msae.sae.kernels import Entries, SparseRows, rect_to_rows
 from msae.sae.native import kernels
 
 
@@ -34,7 +34,7 @@ def evaluate(sae: SAE, data: np.ndarray | torch.Tensor, ks: Sequence[int | None]
     """Metrics keyed by k ('own' for the model's own code), computed in original CLIP space, with
     processed-space variants suffixed ``_processed``. CKNNA uses the first ``cknna_rows`` rows (0:
     none), for the ks in ``cknna_for`` (default: every k); ``orthogonality=False`` skips
-    ``decoder_orthogonality`` (an n x n x d product: per-epoch evaluations leave both out)."""
+    ``decoder_orthogonality`` (per-epoch evaluations leave both out: nobody logs them there)."""
     sae.eval()
     for k in ks:
         if k is not None:
@@ -78,29 +78,73 @@ def evaluate(sae: SAE, data: np.ndarray | torch.Tensor, ks: Sequence[int | None]
 def reconstructions(sae: SAE, pre: torch.Tensor, ks: Sequence[int | None], first_rows: int = 0,
                     dense_for: set[int | None] = frozenset()):
     """For each k of ``ks`` (None: the model's own code) the processed-space reconstruction of one
-    batch's pre-activations, as ``(k, xph, z, code)``: ``z`` the dense code where one was built
-    (else None), ``code`` the native path's summary (else None; see :func:`_nested_levels`, which
-    makes the dense code of the first ``first_rows`` rows for the ks in ``dense_for``). On the CPU
-    several top-k levels come from ONE nested selection and one decode pass."""
-    topks = sorted({k for k in ks if k is not None})
+    batch's pre-activations, as ``(k, xph, z, code)``: either ``code``, the code's summary (see
+    :func:`_nested_levels`; it holds the dense code of the first ``first_rows`` rows for the ks in
+    ``dense_for``) and ``z`` None, or the dense code ``z`` and ``code`` None. A top-k code (an int
+    k, or an own code that is one: ``sae.code_topk()``) is built sparse; on the CPU several top-k
+    levels come from ONE nested selection and one decode pass, the own code among them."""
+    own = sae.code_topk() if None in ks else None
+    as_k = {k: own if k is None else k for k in ks}  # None -> the own code's k, or None
+    topks = sorted({k for k in as_k.values() if k is not None})
+    dense_k = {as_k[k] for k in dense_for if k in as_k}
     native = (kernels() if len(topks) > 1 and pre.device.type == "cpu" and sae.W_dec.dtype == torch.float32
               else None)
     if native is not None:
-        for k, xph, code in _nested_levels(sae, native, pre, topks, first_rows, dense_for):
-            yield k, xph, None, code
+        for level, xph, code in _nested_levels(sae, native, pre, topks, first_rows, dense_k):
+            for k in ks:
+                if as_k[k] == level:
+                    yield k, xph, None, code
     for k in ks:
-        if native is None or k is None:
-            z = sae.activate(pre) if k is None else topk_relu_dense(pre, k)
-            yield k, _decode(sae, z), z, None
+        if native is not None and as_k[k] is not None:
+            continue
+        if as_k[k] is None:
+            z = sae.activate(pre)
+            xph, code = _decode(sae, z, first_rows if k in dense_for else 0)
+            yield k, xph, (z if code is None else None), code
+        else:
+            xph, code = _topk_decode(sae, pre, as_k[k], first_rows if k in dense_for else 0)
+            yield k, xph, None, code
 
 
-def _decode(sae: SAE, z: torch.Tensor) -> torch.Tensor:
-    """``sae.decode_processed(z)``; a sparse code (under SPARSE_DECODE_DENSITY non-zeros, on the
-    CPU) is decoded from its CSR form, which skips the dense [B, n] x [n, d] product."""
-    if z.device.type != "cpu" or float((z != 0).sum()) > SPARSE_DECODE_DENSITY * z.numel():
-        return sae.decode_processed(z)
+def _decode(sae: SAE, z: torch.Tensor, first_rows: int = 0) -> tuple[torch.Tensor, tuple | None]:
+    """``sae.decode_processed(z)``, and None; a sparse code (under SPARSE_DECODE_DENSITY non-zeros,
+    on the CPU) is decoded from its CSR form, which skips the dense [B, n] x [n, d] product, and
+    comes with its summary from that form (the dense code of the first ``first_rows`` rows when
+    asked)."""
+    if z.device.type != "cpu" or float(torch.count_nonzero(z)) > SPARSE_DECODE_DENSITY * z.numel():
+        return sae.decode_processed(z), None
     c = z.to_sparse_csr()
-    return sae.decode_sparse(SparseRows(c.crow_indices(), c.col_indices(), c.values(), sae.n))
+    code = SparseRows(c.crow_indices(), c.col_indices(), c.values(), sae.n)
+    return sae.decode_sparse(code), _summary(code, z[:first_rows] if first_rows else None)
+
+
+def _topk_decode(sae: SAE, pre: torch.Tensor, k: int, first_rows: int = 0) -> tuple[torch.Tensor, tuple]:
+    """The reconstruction of ReLU(top-k of ``pre``) and its summary, from the CSR code of the
+    selection (never a dense [B, n] code, but for the first ``first_rows`` rows when asked). A
+    code denser than SPARSE_DECODE_DENSITY off the CPU goes through a dense decode instead."""
+    if pre.device.type != "cpu" or k > SPARSE_DECODE_DENSITY * sae.n:
+        z = topk_relu_dense(pre, k)
+        xph, code = _decode(sae, z, first_rows)
+        if code is None:
+            code = _summary(None, z[:first_rows] if first_rows else None, z)
+        return xph, code
+    vals, idx = pre.topk(k, dim=1, sorted=False)
+    crow, col = rect_to_rows(vals, idx)
+    code = SparseRows(crow, col, vals[vals > 0], sae.n)
+    return sae.decode_sparse(code), _summary(code, code.head(first_rows).to_dense() if first_rows else None)
+
+
+def _summary(code: SparseRows | None, dense_head: torch.Tensor | None, z: torch.Tensor | None = None) -> tuple:
+    """A code's summary as ``ReconStats.update_code`` takes it (per-row non-zeros, fired latents,
+    count / sum / sum of squares of the values) and ``dense_head``, from its CSR form or, failing
+    that, from the dense code ``z``."""
+    if code is None:
+        nz = z != 0
+        l0, fired, v = nz.sum(1), nz.any(0), z[nz]
+    else:
+        l0, fired, v = code.crow.diff(), torch.bincount(code.col, minlength=code.n) > 0, code.val
+    v = v.detach().to(torch.float64)
+    return l0.to(torch.float64), fired, (v.numel(), float(v.sum()), float(v.pow(2).sum())), dense_head
 
 
 def _nested_levels(sae: SAE, native, pre: torch.Tensor, levels: list[int], first_rows: int, dense_for: set):
@@ -109,27 +153,27 @@ def _nested_levels(sae: SAE, native, pre: torch.Tensor, levels: list[int], first
     squares of its values, and, for the ks in ``dense_for``, the dense code of the first
     ``first_rows`` rows), from ONE nested selection and ONE pass of the native decode kernel
     (msae/sae/csrc/msae_cpu.cpp) instead of a top-k, a scatter and a dense GEMM per k. Level c's
-    code is chunks 0..c, so every summary is a cumulative sum over per-chunk counts (one pass)."""
+    code is chunks 0..c: row b holds min(K_b, k_c) of its K_b entries, the value sums are
+    cumulative over the selection's per-chunk sums, and a latent fires at level c when the first
+    chunk that holds it is <= c."""
     n, d = sae.n, sae.d
     L = len(levels)
-    crow, rows, col, chunk, val, _, _ = native.nested_select(pre.contiguous(), torch.tensor(levels))
+    crow, rows, col, chunk, val, _, counts, sums = native.nested_select(pre.contiguous(), torch.tensor(levels))
     e = Entries.build(native, crow, col, n, d, rows, chunk)
     empty = torch.empty(0)
     Q, _ = native.levels_decode(crow, col, chunk, val, sae.W_dec.detach().contiguous(),
                                 sae.b_dec.detach().contiguous(), L, e.order, e.off, e.threads, empty, empty)
     B = pre.shape[0]
-    ch = chunk.long()
-    l0 = torch.bincount(rows.long() * L + ch, minlength=B * L).view(B, L).cumsum(1).to(torch.float64)
-    fired = torch.bincount(col.long() * L + ch, minlength=n * L).view(n, L).cumsum(1) > 0
-    v = val.to(torch.float64)
-    act = torch.stack([torch.bincount(ch, minlength=L).to(torch.float64), torch.bincount(ch, v, minlength=L),
-                       torch.bincount(ch, v * v, minlength=L)]).cumsum(1)
+    upto = torch.minimum(crow.diff()[:, None], torch.tensor(levels)[None, :])  # [B, L] entries per level
+    act = torch.cat([counts[None].to(torch.float64), sums]).cumsum(1).t().tolist()  # [L] x (count, sum, sum sq)
+    first = torch.full((n,), L, dtype=torch.int32).scatter_reduce_(0, col, chunk, "amin")
+    l0 = upto.to(torch.float64)
     head = int(crow[min(first_rows, B)])
     for c, k in enumerate(levels):
         dense = None
         if k in dense_for:
-            first = chunk[:head] <= c
+            keep = chunk[:head] <= c
             sub_crow = torch.zeros(min(first_rows, B) + 1, dtype=torch.long)
-            torch.cumsum(l0[:min(first_rows, B), c].long(), 0, out=sub_crow[1:])
-            dense = SparseRows(sub_crow, col[:head][first], val[:head][first], n).to_dense()
-        yield k, Q[:, c], (l0[:, c], fired[:, c], tuple(float(a) for a in act[:, c]), dense)
+            torch.cumsum(upto[:min(first_rows, B), c], 0, out=sub_crow[1:])
+            dense = SparseRows(sub_crow, col[:head][keep], val[:head][keep], n).to_dense()
+        yield k, Q[:, c], (l0[:, c], first <= c, tuple(act[c]), dense)

@@ -45,7 +45,7 @@ def test_nested_select_is_exact(native):
     pre[10:14] = 1.0 + torch.rand(4, n, generator=g) * 1e-3  # every value in one or two bins
     pre[14:17] = -torch.rand(3, n, generator=g)  # no positive at all
     pre[17:20] = torch.where(torch.rand(3, n, generator=g) < 0.03, 1.0, -1.0)  # fewer positives than some levels
-    crow, rows, col, chunk, val, used, chunk_counts = native.nested_select(pre.contiguous(), torch.tensor(levels))
+    crow, rows, col, chunk, val, used, chunk_counts, chunk_sums = native.nested_select(pre.contiguous(), torch.tensor(levels))
     ref = _reference_select(pre, levels)
     assert crow.tolist() == [0] + torch.tensor([len(r) for r in ref]).cumsum(0).tolist()
     for b in range(B):
@@ -56,6 +56,9 @@ def test_nested_select_is_exact(native):
         assert chunk[s:e].tolist() == sorted(chunk[s:e].tolist()), "a row's entries are ordered by chunk"
     counts = [sum(c == i for r in ref for _, c, _ in r) for i in range(len(levels))]
     assert chunk_counts.tolist() == counts
+    for i in range(len(levels)):
+        vals = torch.tensor([v for r in ref for _, c, v in r if c == i], dtype=torch.float64)
+        assert chunk_sums[:, i].tolist() == pytest.approx([float(vals.sum()), float(vals.pow(2).sum())], rel=1e-12)
     assert int(used) == max(c for r in ref for _, c, _ in r) + 1
     assert counts[-1] > 0 and all(len(ref[b]) == 0 for b in range(14, 17))
 

@@ -91,6 +91,11 @@ class SAE(nn.Module):
         """The model's own code from pre-activations (dense [B, n]); per method."""
         raise NotImplementedError
 
+    def code_topk(self) -> int | None:
+        """k when the model's own code is ReLU of each row's top-k pre-activations (evaluation then
+        builds it sparse, and shares it with that k's progressive level), else None."""
+        return None
+
     def encode_processed(self, xp: torch.Tensor, k: int | None = None) -> torch.Tensor:
         pre = self.pre_activation(xp)
         if k is None:

@@ -40,6 +40,12 @@ class SparseRows:
     def batch(self) -> int:
         return self.crow.numel() - 1
 
+    def head(self, rows: int) -> "SparseRows":
+        """The first ``rows`` rows."""
+        rows = min(rows, self.batch)
+        end = int(self.crow[rows])
+        return SparseRows(self.crow[:rows + 1], self.col[:end], self.val[:end], self.n)
+
     def to_dense(self) -> torch.Tensor:
         out = torch.zeros(self.batch, self.n, dtype=self.val.dtype, device=self.val.device)
         out[_rows_of(self.crow), self.col] = self.val

@@ -107,6 +107,9 @@ class MatryoshkaSAE(SAE):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return topk_relu_dense(pre, self.cfg.levels[-1])
 
+    def code_topk(self) -> int:
+        return self.cfg.levels[-1]
+
     def training_step(self, xp, recon_loss, dead=None) -> StepOutput:
         with torch.no_grad():
             pre = self.pre_activation(xp)
@@ -138,7 +141,7 @@ class MatryoshkaSAE(SAE):
         of every level above it."""
         levels = torch.tensor(self.cfg.levels, dtype=torch.long)
         with torch.no_grad():
-            crow, rows, col, chunk, pre_val, used, chunk_counts = native.nested_select(pre.contiguous(), levels)
+            crow, rows, col, chunk, pre_val, used, chunk_counts, _ = native.nested_select(pre.contiguous(), levels)
             entries = Entries.build(native, crow, col, self.n, self.d, rows, chunk)
         C = max(int(used), 1)
         val = gather_selected(xp, self.b_dec, self.W_enc, self.b_enc, pre, crow, col, entries, pre_val)

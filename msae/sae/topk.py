@@ -32,6 +32,9 @@ class TopKSAE(SAE):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return topk_relu_dense(pre, self.cfg.k)
 
+    def code_topk(self) -> int:
+        return self.cfg.k
+
     def training_step(self, xp, recon_loss, dead=None) -> StepOutput:
         with torch.no_grad():
             pre = self.pre_activation(xp)

@@ -53,9 +53,10 @@ inline int64_t range_start(int64_t B, int64_t T, int64_t t) { return (B * t) / T
 }  // namespace
 
 // Nested top-k selection of the positive entries. Returns {crow [B+1], rows [E] (int32), col [E],
-// chunk [E] (int32), val [E], n_chunks}: row b's entries are col[crow[b]:crow[b+1]] (rows[e] = b,
+// chunk [E] (int32), val [E], n_chunks, chunk_counts, chunk_sums}: row b's entries are col[crow[b]:crow[b+1]] (rows[e] = b,
 // val[e] = pre[b, col[e]]), ordered by chunk; n_chunks (0-d) is one more than the largest chunk
-// holding an entry; chunk_counts [L] the entries per chunk.
+// holding an entry; chunk_counts [L] the entries per chunk; chunk_sums [2, L] (float64) the sum and
+// the sum of squares of the values per chunk.
 std::vector<torch::Tensor> nested_select(torch::Tensor pre, torch::Tensor levels) {
   check_float(pre, "pre", 2);
   check_long(levels, "levels");
@@ -81,8 +82,11 @@ std::vector<torch::Tensor> nested_select(torch::Tensor pre, torch::Tensor levels
   int32_t *ro = rows.data_ptr<int32_t>(), *ch = chunk.data_ptr<int32_t>();
   float* va = val.data_ptr<float>();
   int64_t used = 0;
+  auto chunk_sums = torch::zeros({2, L}, torch::kFloat64);
+  double* cs = chunk_sums.data_ptr<double>();
 #pragma omp parallel reduction(max : used)
   {
+    std::vector<double> sums(2 * L, 0.0);  // this thread's per-chunk sum and sum of squares of values
     // a row's positives as 64-bit keys: the value's bits in the high half (a positive float's bits
     // order like the float), the complemented latent in the low half, so that the largest key is the
     // largest value and, among equal values, the lowest latent; plain integer compares
@@ -128,9 +132,14 @@ std::vector<torch::Tensor> nested_select(torch::Tensor pre, torch::Tensor levels
         std::memcpy(va + out + r, &bits, 4);
         ro[out + r] = static_cast<int32_t>(b);
         ch[out + r] = static_cast<int32_t>(c);
+        const double value = va[out + r];
+        sums[c] += value;
+        sums[L + c] += value * value;
       }
       used = std::max(used, c + 1);
     }
+#pragma omp critical
+    for (int64_t i = 0; i < 2 * L; i++) cs[i] += sums[i];
   }
   auto chunk_counts = torch::zeros({L}, torch::kInt64);
   int64_t* cc = chunk_counts.data_ptr<int64_t>();
@@ -143,7 +152,7 @@ std::vector<torch::Tensor> nested_select(torch::Tensor pre, torch::Tensor levels
       prev = upto;
     }
   }
-  return {crow, rows, col, chunk, val, torch::full({}, used, torch::kInt64), chunk_counts};
+  return {crow, rows, col, chunk, val, torch::full({}, used, torch::kInt64), chunk_counts, chunk_sums};
 }
 
 // Segments of the entries: key = block * T + t, where block = col >> shift (blocks of 2^shift
